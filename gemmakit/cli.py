@@ -1,0 +1,303 @@
+"""The `gemmakit` command: generate, chat, convert, info. A thin layer over the library.
+
+Where it sits: last in the data flow; the only module (with the future server) that prints.
+User errors (bad paths, corrupt checkpoints, invalid arguments) become one line on stderr and exit
+status 2, never a traceback; set GEMMAKIT_DEBUG=1 to see the traceback anyway.
+
+Key trade-off: `chat` re-renders and re-prefills the whole conversation every turn. That keeps
+the chat format in one place (`chat.render`) at the cost of re-reading earlier turns, which on a
+1B model costs well under a second per turn of history on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
+class UsageError(ValueError):
+    """A command-line argument is invalid."""
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"--dtype: expected one of {sorted(set(DTYPES.values()))}, got {name!r}")
+    return getattr(torch, DTYPES[name])
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        if n < 1:
+            raise UsageError(f"--threads: expected an integer >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
+    from gemmakit.checkpoint import load_model
+    from gemmakit.config import get_preset
+    from gemmakit.tokenizer import Tokenizer
+
+    if args.model is None:
+        raise UsageError(
+            "--model: no model given; pass a directory with Gemma weights and tokenizer.model "
+            "(see README.md, 'Getting weights')"
+        )
+    config = get_preset(args.preset) if getattr(args, "preset", None) else None
+    model = load_model(
+        args.model, dtype=_dtype(args.dtype), device=args.device, attn_impl=args.attn, config=config
+    )
+    tok_path = args.tokenizer or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent)
+    tokenizer = Tokenizer.load(tok_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UsageError(
+            f"{tokenizer.source}: tokenizer has {tokenizer.vocab_size} pieces but the model only "
+            f"{model.config.vocab_size} embedding rows"
+        )
+    return model, tokenizer
+
+
+def _stream_text(engine: Any, tokenizer: Any, prompt: list[int], args: argparse.Namespace,
+                 stop_tokens: list[int]) -> Iterator[tuple[str, int]]:  # fmt: skip
+    """Yield (text piece, token) as tokens are generated, holding back split UTF-8 characters."""
+    from gemmakit.tokenizer import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer)
+    limit = engine.config.max_seq_len - len(prompt)
+    max_new = min(args.max_new_tokens, limit)
+    if max_new <= 0:
+        raise UsageError(
+            f"prompt of {len(prompt)} tokens fills the model's context of {engine.config.max_seq_len}"
+        )
+    steps = engine.stream([prompt], max_new, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens)  # fmt: skip
+    for step in steps:
+        yield decoder.push(step[0]), step[0]
+    yield decoder.flush(), -1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gemmakit.infer import Engine
+
+    _threads(args.threads)
+    model, tokenizer = _load_model_and_tokenizer(args)
+    prompt = tokenizer.encode(args.prompt, bos=True)
+    engine = Engine(model, prefill_chunk=args.prefill_chunk)
+    stops = [tokenizer.eos_id] if not args.ignore_eos else []
+    for text, _ in _stream_text(engine, tokenizer, prompt, args, stops):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gemmakit.chat import Conversation, stop_tokens
+    from gemmakit.infer import Engine
+
+    _threads(args.threads)
+    model, tokenizer = _load_model_and_tokenizer(args)
+    engine = Engine(model, prefill_chunk=args.prefill_chunk)
+    conv = Conversation(tokenizer, system_prompt=args.system)
+    stops = stop_tokens(tokenizer)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"gemmakit chat: {args.model} ({model.config.generation}). /reset clears, /exit quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            conv.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        conv.add_user(text)
+        prompt = _fit_context(conv, engine, args.max_new_tokens)
+        reply_ids: list[int] = []
+        for piece, token in _stream_text(engine, tokenizer, prompt, args, stops):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            if token >= 0:
+                reply_ids.append(token)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        conv.add_model(tokenizer.decode(reply_ids))
+    return 0
+
+
+def _fit_context(conv: Any, engine: Any, max_new_tokens: int) -> list[int]:
+    """The conversation's prompt tokens, dropping the oldest exchanges if it would overflow the context."""
+    limit = engine.config.max_seq_len - min(max_new_tokens, engine.config.max_seq_len // 2)
+    prompt = conv.prompt_tokens()
+    while len(prompt) > limit and len(conv.messages) > 2:
+        start = 1 if conv.messages[0]["role"] == "system" else 0
+        del conv.messages[start : start + 2]  # the oldest user/model exchange
+        print("(context full: dropped the oldest exchange)", file=sys.stderr)
+        prompt = conv.prompt_tokens()
+    return prompt
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gemmakit.checkpoint import convert_checkpoint
+    from gemmakit.config import get_preset
+
+    config = get_preset(args.preset) if args.preset else None
+    shard = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
+    out = convert_checkpoint(args.model, args.out, args.to, dtype=_dtype(args.dtype), config=config,
+                             max_shard_bytes=shard, overwrite=args.overwrite)  # fmt: skip
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from gemmakit.checkpoint import describe, estimate_memory
+    from gemmakit.config import get_preset, human_count
+
+    if args.preset:
+        cfg, dtype, where = (
+            get_preset(args.preset),
+            _dtype(args.dtype) or torch.bfloat16,
+            f"preset {args.preset}",
+        )
+    elif args.model:
+        desc = describe(args.model)
+        cfg, dtype, where = (
+            desc["config"],
+            _dtype(args.dtype) or desc["dtype"],
+            f"{desc['format']} at {args.model}",
+        )
+    else:
+        raise UsageError("info: pass --model DIR or --preset NAME")
+    mem = estimate_memory(cfg, dtype)
+    gib = 2**30
+    print(f"model:       {where}")
+    print(f"generation:  {cfg.generation}")
+    for key, value in cfg.to_dict().items():
+        if key == "layer_types":
+            n_local = sum(t == "local" for t in value)
+            value = f"{len(value) - n_local} global, {n_local} local"
+        print(f"  {key + ':':22s}{value}")
+    print(f"parameters:  {mem['params']:,} ({human_count(mem['params'])})")
+    print(f"dtype:       {str(dtype).removeprefix('torch.')}")
+    print(f"weights:     {mem['weight_bytes'] / gib:.2f} GiB")
+    print(f"KV cache:    {mem['kv_bytes_per_1k_windowed'] / 2**20:.1f} MiB per 1k tokens of context "
+          f"(batch 1; {mem['kv_bytes_per_1k'] / 2**20:.1f} MiB without sliding-window ring buffers)")  # fmt: skip
+    ctx = min(cfg.max_seq_len, 8192)
+    total = mem["weight_bytes"] + mem["kv_bytes_per_1k_windowed"] * ctx / 1024
+    print(f"estimate:    {total / gib:.2f} GiB to run with a {ctx}-token context")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory or weights file (HF or gemma_pytorch layout)")
+    p.add_argument("--tokenizer", help="tokenizer.model or its directory (default: beside the weights)")
+    p.add_argument("--preset", help="config preset for a checkpoint without config.json (e.g. gemma-2b)")
+    p.add_argument("--dtype", help="compute dtype: float32, bfloat16 (default: as stored)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"],
+                   help="attention: exact reference 'eager' or faster 'sdpa' (default; Gemma 2 always eager)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=512, help="tokens to generate per reply (default: 512)"
+    )
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks of N tokens"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemmakit", description="Gemma models on your own machine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="stream a continuation of a raw prompt",
+                       description="Stream a continuation of a raw text prompt (no chat template).")  # fmt: skip
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text (BOS is added)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at <eos>")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description="Chat with an instruction-tuned Gemma. /reset clears, /exit quits.")  # fmt: skip
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt (folded into the first user turn)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.set_defaults(func=cmd_chat, top_k=64, top_p=0.95)  # Gemma's published sampling defaults
+
+    p = sub.add_parser("convert", help="convert between checkpoint layouts",
+                       description="Convert a checkpoint to HF safetensors or the gemma_pytorch layout.")  # fmt: skip
+    p.add_argument("--model", required=True, help="source checkpoint (directory or file)")
+    p.add_argument("--to", required=True, choices=["hf", "gemma_pytorch"], help="target layout")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--preset", help="config preset for a source without config.json")
+    p.add_argument("--dtype", help="output dtype (default: as stored)")
+    p.add_argument("--max-shard-mb", type=float, default=None, help="shard HF output files at this size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="config, parameter count and memory estimate",
+                       description="Show a model's config, parameter count and memory needs without loading weights.")  # fmt: skip
+    p.add_argument("--model", help="checkpoint directory or weights file")
+    p.add_argument("--preset", help="a named preset instead of a checkpoint")
+    p.add_argument("--dtype", help="dtype for the estimate (default: as stored, bfloat16 for presets)")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from gemmakit.chat import ChatError
+    from gemmakit.checkpoint import CheckpointError
+    from gemmakit.config import ConfigError
+    from gemmakit.infer.engine import GenerationError
+    from gemmakit.tokenizer import TokenizerError
+
+    return (UsageError, ConfigError, CheckpointError, TokenizerError, ChatError, GenerationError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:
+        if os.environ.get("GEMMAKIT_DEBUG") or not isinstance(e, _user_errors()):
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the library put in it
+        print(f"gemmakit: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The `gemmakit` console script, run as a real subprocess on a tiny model saved to disk.
+
+Outputs are checked against the library computing the same thing (Engine + chat.render), and every
+user error must be one line on stderr with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from spm_helpers import train_gemma_spm
+
+from gemmakit.chat import render, stop_tokens
+from gemmakit.checkpoint import save_hf
+from gemmakit.config import PRESETS
+from gemmakit.infer import Engine
+from gemmakit.model import Gemma
+from gemmakit.tokenizer import Tokenizer
+
+EXE = str(Path(sys.executable).with_name("gemmakit"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    cfg = PRESETS["tiny"].replace(vocab_size=640)
+    model = Gemma(cfg).init_weights(std=0.3, seed=0)
+    out = save_hf(model, root / "model")
+    shutil.copy(train_gemma_spm(root / "tok", "gemma3"), out / "tokenizer.model")
+    return out
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, *args], input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_for_every_command() -> None:
+    for cmd in ([], ["generate"], ["chat"], ["convert"], ["info"]):
+        proc = run(*cmd, "--help")
+        assert proc.returncode == 0 and "usage: gemmakit" in proc.stdout
+
+
+def test_generate_streams_what_the_engine_generates(model_dir: Path) -> None:
+    proc = run("generate", "--model", str(model_dir), "--prompt", "hello world", "--max-new-tokens", "12",
+               "--attn", "eager", "--ignore-eos")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    tok = Tokenizer.load(model_dir)
+    from gemmakit.checkpoint import load_model
+
+    engine = Engine(load_model(model_dir))
+    [new] = engine.generate([tok.encode("hello world")], max_new_tokens=12)
+    assert proc.stdout == tok.decode(new) + "\n"
+
+
+def test_chat_turns_reset_and_exit(model_dir: Path) -> None:
+    proc = run("chat", "--model", str(model_dir), "--max-new-tokens", "6", "--seed", "3", "--attn", "eager",
+               stdin="hello there\n/reset\nhello there\n/exit\nnever read\n")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    tok = Tokenizer.load(model_dir)
+    from gemmakit.checkpoint import load_model
+
+    prompt = render(tok, [{"role": "user", "content": "hello there"}]).tokens
+    [new] = Engine(load_model(model_dir)).generate(
+        [prompt], 6, temperature=1.0, top_k=64, top_p=0.95, seed=3, stop_tokens=stop_tokens(tok)
+    )
+    reply = tok.decode(new)
+    # /reset: the second turn starts from an empty conversation again, so it repeats the first reply
+    assert proc.stdout == reply + "\n" + reply + "\n"
+    assert "(conversation cleared)" in proc.stderr
+
+
+def test_info_without_loading(model_dir: Path) -> None:
+    proc = run("info", "--model", str(model_dir))
+    assert proc.returncode == 0, proc.stderr
+    n = sum(p.numel() for p in Gemma(PRESETS["tiny"].replace(vocab_size=640)).parameters())
+    assert f"{n:,}" in proc.stdout and "float32" in proc.stdout
+    proc = run("info", "--preset", "gemma-2b")
+    assert proc.returncode == 0 and "2,506,172,416" in proc.stdout
+
+
+def test_convert_round_trip(model_dir: Path, tmp_path: Path) -> None:
+    gp, hf = tmp_path / "gp", tmp_path / "hf"
+    assert (
+        run("convert", "--model", str(model_dir), "--to", "gemma_pytorch", "--out", str(gp)).returncode == 0
+    )
+    proc = run("convert", "--model", str(gp), "--to", "hf", "--out", str(hf))
+    assert proc.returncode == 0, proc.stderr
+    from gemmakit.checkpoint import load_model
+
+    tokens = torch.randint(1, 640, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(hf)(tokens), load_model(model_dir)(tokens))
+    assert_user_error(run("convert", "--model", str(model_dir), "--to", "hf", "--out", str(hf)), str(hf))
+
+
+def test_user_errors_are_one_line(model_dir: Path, tmp_path: Path) -> None:
+    assert_user_error(run("generate", "--model", str(tmp_path / "nope"), "--prompt", "x"), "nope")
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_user_error(run("generate", "--model", str(bad), "--prompt", "x"), "model.safetensors", "truncated")
+    assert_user_error(run("chat"), "--model")
+    assert_user_error(run("info", "--preset", "gemma-5b"), "gemma-5b")
+    assert_user_error(
+        run("generate", "--model", str(model_dir), "--prompt", "x", "--dtype", "int3"), "--dtype"
+    )
+    assert_user_error(run("generate", "--model", str(model_dir), "--prompt", "x", "--top-p", "2"), "top_p")
+    notok = tmp_path / "notok"
+    shutil.copytree(model_dir, notok)
+    (notok / "tokenizer.model").write_bytes(b"garbage")
+    assert_user_error(run("generate", "--model", str(notok), "--prompt", "x"), "tokenizer.model")

@@ -1,0 +1,198 @@
+"""Saving: write HF or gemma_pytorch checkpoint directories atomically, each with a `manifest.json`.
+
+Where it sits: on top of `names`, `formats` and `load` (`convert_checkpoint` loads, then saves).
+`save_hf` / `save_gemma_pytorch` write a directory holding a `manifest.json` (format, gemmakit
+version, dtype, the exact ModelConfig, sha256 and size of every weight file), so a saved directory
+describes itself and `load_model` can check it.
+
+Key trade-off: no partial writes. Everything goes to a temp directory next to the target, every
+file and the directory are fsynced, and only then is it renamed into place (the old directory is
+moved aside first and restored on failure). This costs a second copy of the checkpoint on disk
+while writing, and it is what keeps memory-mapped models loaded from the old files valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemmakit.checkpoint.formats import _ST_NAMES, _USABLE, MANIFEST, CheckpointError, _err, _sha256
+from gemmakit.checkpoint.load import load_model
+from gemmakit.checkpoint.names import _GP_QKV, FORMATS, file_names, internal_name_to_hf
+from gemmakit.config import ModelConfig, to_hf_dict
+from gemmakit.model import Gemma
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes | None = None, tensors: dict[str, torch.Tensor] | None = None,
+                pickle_obj: object = None) -> None:  # fmt: skip
+    """Write bytes, raw tensor data (in order) or a torch.save payload, then fsync."""
+    with open(path, "wb") as f:
+        if data is not None:
+            f.write(data)
+        for t in (tensors or {}).values():
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as the spec
+        if pickle_obj is not None:
+            torch.save(pickle_obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written tensor by tensor (no whole-file copy in memory)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires format=pt
+    offset = 0
+    for name, t in tensors.items():
+        header[name] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes it
+    _write_file(path, struct.pack("<Q", len(raw)) + raw, tensors=tensors)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("gemmakit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _write_manifest(out: Path, fmt: str, cfg: ModelConfig, dtype: torch.dtype, files: list[str]) -> None:
+    manifest = {
+        "format": fmt, "gemmakit_version": _version(), "dtype": str(dtype).removeprefix("torch."),
+        "config": cfg.to_dict(),
+        "files": {f: {"sha256": _sha256(out / f), "size": (out / f).stat().st_size} for f in files},
+    }  # fmt: skip
+    _write_file(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp dir next to `out_dir`; on success rename it into place, on failure remove it."""
+    out_dir = Path(os.path.abspath(out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _err(out_dir, "exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise _err(out_dir, "exists and is not empty; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A CPU tensor in `dtype`; views are cloned so torch.save does not write their whole storage."""
+    t = t.detach().to("cpu", dtype or t.dtype)
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+
+
+def _out_dtype(model: Gemma, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None and dtype not in _USABLE:
+        raise CheckpointError(f"dtype: expected one of {[str(d) for d in _USABLE]}, got {dtype}")
+    return dtype or model.embed.weight.dtype
+
+
+def save_hf(model: Gemma, out_dir: str | Path, dtype: torch.dtype | None = None,
+            max_shard_bytes: int | None = None, *, overwrite: bool = False) -> Path:  # fmt: skip
+    """Write config.json + model.safetensors (or HF-named shards + index) + manifest.json, atomically.
+
+    Sharding follows transformers: with one shard there is no index file. Tensors go to disk one
+    at a time, so writing costs one tensor of extra memory, not a copy of the model.
+    """
+    cfg, dtype = model.config, _out_dtype(model, dtype)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu", dtype)
+        if max_shard_bytes and shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][internal_name_to_hf(name, cfg)] = t
+        size += t.nbytes
+    n = len(shards)
+    names = (
+        ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    hf = {**to_hf_dict(cfg), "torch_dtype": str(dtype).removeprefix("torch.")}
+    with _atomic_dir(Path(out_dir), overwrite) as tmp:
+        for fname, shard in zip(names, shards, strict=True):
+            _write_safetensors(tmp / fname, shard)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
+                "weight_map": {k: fname for fname, s in zip(names, shards, strict=True) for k in s},
+            }
+            _write_file(tmp / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+        _write_file(tmp / "config.json", (json.dumps(hf, indent=2) + "\n").encode())
+        _write_manifest(tmp, "hf", cfg, dtype, names)
+    return Path(out_dir)
+
+
+def save_gemma_pytorch(model: Gemma, path: str | Path, dtype: torch.dtype | None = None,
+                       *, overwrite: bool = False) -> Path:  # fmt: skip
+    """Write directory `path` holding model.ckpt ({"model_state_dict": ...}, qkv fused) + manifest.json.
+
+    gemma_pytorch's own `load_weights` reads the ckpt unchanged; its RoPE buffers are not stored
+    (it loads with strict=False and recomputes them).
+    """
+    cfg, dtype = model.config, _out_dtype(model, dtype)
+    if not cfg.tie_embeddings:
+        raise _err(path, "the gemma_pytorch layout has no separate output matrix; this model is untied")
+    sd, out = model.state_dict(), {}
+    for ours, f in file_names(cfg, "gemma_pytorch").items():
+        if not f.endswith(_GP_QKV):
+            out[f] = _owned(sd[ours], dtype)
+        elif ours.endswith("wq.weight"):
+            prefix = ours.removesuffix("wq.weight")
+            qkv = [sd[prefix + w] for w in ("wq.weight", "wk.weight", "wv.weight")]
+            out[f] = torch.cat(qkv, dim=0).detach().to("cpu", dtype)  # (n_h + 2 n_kv) * d rows
+    with _atomic_dir(Path(path), overwrite) as tmp:
+        _write_file(tmp / "model.ckpt", pickle_obj={"model_state_dict": out})
+        _write_manifest(tmp, "gemma_pytorch", cfg, dtype, ["model.ckpt"])
+    return Path(path)
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: torch.dtype | None = None,
+                       config: ModelConfig | None = None, max_shard_bytes: int | None = None,
+                       overwrite: bool = False) -> Path:  # fmt: skip
+    """Load any supported checkpoint and write it as `to` ("hf" or "gemma_pytorch") into directory `out`."""
+    if to not in FORMATS:
+        raise CheckpointError(f"to: expected one of {FORMATS}, got {to!r}")
+    model = load_model(src, config=config)
+    if to == "hf":
+        return save_hf(model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    return save_gemma_pytorch(model, out, dtype=dtype, overwrite=overwrite)

@@ -69,6 +69,27 @@ def random_tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, VOCAB, (b, t), generator=g)
 
 
+# Tokenizer fixtures shared by the tokenizer and chat tests: one tiny SentencePiece model per layout
+# (Gemma 1/2: turn markers 106/107; Gemma 3: 105/106), trained offline by spm_helpers.
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def generation(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model_path(generation, tmp_path_factory):
+    from spm_helpers import train_gemma_spm
+
+    return train_gemma_spm(tmp_path_factory.mktemp("spm"), generation)
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    from gemmakit.tokenizer import Tokenizer
+
+    return Tokenizer.load(model_path)
+
+
 def pytest_addoption(parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

@@ -5,10 +5,8 @@ converted from the same tiny SentencePiece file."""
 from __future__ import annotations
 
 import pytest
-from spm_helpers import train_gemma_spm
 
 from gemmakit.chat import ChatError, Conversation, Rendered, render, render_text, stop_tokens
-from gemmakit.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,21 +105,6 @@ WITH_SYSTEM = [
 
 def as_messages(conv) -> list[dict[str, str]]:
     return [{"role": role, "content": content} for role, content in conv]
-
-
-@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
-def generation(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model_path(generation, tmp_path_factory):
-    return train_gemma_spm(tmp_path_factory.mktemp("spm"), generation)
-
-
-@pytest.fixture(scope="module")
-def tok(model_path) -> Tokenizer:
-    return Tokenizer.load(model_path)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import random
 import pytest
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
-from spm_helpers import gemma_spm_bytes, train_gemma_spm
+from spm_helpers import gemma_spm_bytes
 
 from gemmakit import tokenizer as tokenizer_module
 from gemmakit.tokenizer import (
@@ -47,21 +47,6 @@ def random_text(rng: random.Random, n: int) -> str:
         else:
             out.append(rng.choice(rng.choice(pools)))
     return "".join(out)
-
-
-@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
-def generation(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model_path(generation, tmp_path_factory):
-    return train_gemma_spm(tmp_path_factory.mktemp("spm"), generation)
-
-
-@pytest.fixture(scope="module")
-def tok(model_path) -> Tokenizer:
-    return Tokenizer.load(model_path)
 
 
 @pytest.fixture(scope="module")

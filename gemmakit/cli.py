@@ -189,24 +189,33 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
     else:
         raise UsageError("info: pass --model DIR or --preset NAME")
+    from gemmakit.infer.kv_cache import kv_cache_bytes
+
     mem = estimate_memory(cfg, dtype)
-    gib = 2**30
+    ctx = args.context or min(cfg.max_seq_len, 8192)
+    kv = kv_cache_bytes(cfg, 1, ctx, dtype)
     print(f"model:       {where}")
-    print(f"generation:  {cfg.generation}")
     for key, value in cfg.to_dict().items():
         if key == "layer_types":
             n_local = sum(t == "local" for t in value)
             value = f"{len(value) - n_local} global, {n_local} local"
-        print(f"  {key + ':':22s}{value}")
+        print(f"  {key + ':':24s}{value}")
     print(f"parameters:  {mem['params']:,} ({human_count(mem['params'])})")
     print(f"dtype:       {str(dtype).removeprefix('torch.')}")
-    print(f"weights:     {mem['weight_bytes'] / gib:.2f} GiB")
-    print(f"KV cache:    {mem['kv_bytes_per_1k_windowed'] / 2**20:.1f} MiB per 1k tokens of context "
-          f"(batch 1; {mem['kv_bytes_per_1k'] / 2**20:.1f} MiB without sliding-window ring buffers)")  # fmt: skip
-    ctx = min(cfg.max_seq_len, 8192)
-    total = mem["weight_bytes"] + mem["kv_bytes_per_1k_windowed"] * ctx / 1024
-    print(f"estimate:    {total / gib:.2f} GiB to run with a {ctx}-token context")
+    print(f"weights:     {_bytes(mem['weight_bytes'])}")
+    print(
+        f"KV cache:    {_bytes(kv)} for a {ctx}-token context at batch 1 (sliding layers keep only their window)"
+    )
+    print(f"estimate:    {_bytes(mem['weight_bytes'] + kv)} to run (weights + KV cache)")
     return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -265,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory or weights file")
     p.add_argument("--preset", help="a named preset instead of a checkpoint")
     p.add_argument("--dtype", help="dtype for the estimate (default: as stored, bfloat16 for presets)")
+    p.add_argument(
+        "--context", type=int, help="context length for the KV-cache estimate (default: min(max, 8192))"
+    )
     p.set_defaults(func=cmd_info)
     return parser
 

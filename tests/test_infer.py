@@ -21,6 +21,7 @@ from gemmakit.infer import (
     GenerationError,
     KVCache,
     SamplingError,
+    StaticKVCache,
     kv_cache_bytes,
     sample,
 )
@@ -125,6 +126,31 @@ def test_engine_prefill_then_decode_matches_uncached_forward(hf_case, prefill_ch
         steps.append(engine.decode_one(tokens[:, t], torch.full((2,), t), cache))
     got = torch.stack(steps, dim=1)  # (B, 14, V): logits at positions 10 .. 23
     assert_matches_uncached(hf_case, got, tokens, prompt_len - 1)
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, "1"])
+def test_static_cache_decode_matches_uncached_forward(hf_case, prefill_chunk):
+    """The fixed-shape (compile-friendly) cache: same logits as an uncached forward, past the window."""
+    _, model = models(hf_case)
+    engine = Engine(model, prefill_chunk={None: None, "1": 1}[prefill_chunk])
+    tokens, prompt_len = random_tokens(2, 24, seed=5), 9
+    cache = StaticKVCache(model.config, 2, 30)  # larger than needed: unfilled slots must stay masked
+    steps = [engine.prefill(tokens[:, :prompt_len], None, cache)]
+    assert int(cache.slot) == cache.length == prompt_len
+    for t in range(prompt_len, 24):
+        steps.append(engine.decode_one(tokens[:, t], torch.full((2,), t), cache))
+    assert cache.length == 24 and int(cache.slot) == 24
+    assert_matches_uncached(hf_case, torch.stack(steps, dim=1), tokens, prompt_len - 1)
+
+
+def test_compiled_decode_generates_the_same_tokens():
+    """torch.compile of the one-token step (static cache) changes nothing but speed."""
+    _, model = models("gemma3")
+    prompts = prompts_of((3, 9))
+    expected = Engine(model).generate(prompts, 12)
+    compiled = Engine(model, compile=True)
+    assert compiled.generate(prompts, 12) == expected
+    assert compiled.generate(prompts, 12) == expected  # second request reuses the compiled step
 
 
 def test_cache_memory():

@@ -5,7 +5,7 @@ about tokenization; see `engine` for the trade-offs of batched, left-padded deco
 """
 
 from gemmakit.infer.engine import Engine, GenerationError
-from gemmakit.infer.kv_cache import CacheError, KVCache, kv_cache_bytes
+from gemmakit.infer.kv_cache import CacheError, KVCache, StaticKVCache, kv_cache_bytes
 from gemmakit.infer.sampler import SamplingError, sample
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "GenerationError",
     "KVCache",
     "SamplingError",
+    "StaticKVCache",
     "kv_cache_bytes",
     "sample",
 ]

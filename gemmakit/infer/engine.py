@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from gemmakit.infer.kv_cache import KVCache
+from gemmakit.infer.kv_cache import KVCache, StaticKVCache
 from gemmakit.infer.sampler import SamplingError, check_sampling_args, sample
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,14 @@ class Engine:
     `prefill_chunk` splits long prompts into chunks of that many columns: peak attention memory drops
     from (B, H, L, L) scores to (B, H, chunk, L); results equal the unchunked prefill up to float32
     rounding (summation order; <= 2e-5 on logits of magnitude ~10 in tests/test_infer.py).
+
+    `compile=True` decodes through a `StaticKVCache` (fixed shapes) and a `torch.compile`d model
+    call for one-token steps, compiled once per batch size and context length on the first step
+    (tens of seconds on a 2-core CPU: the benchmark reports it). Prefill stays eager: its shapes
+    change with every prompt.
     """
 
-    def __init__(self, model: nn.Module, prefill_chunk: int | None = None) -> None:
+    def __init__(self, model: nn.Module, prefill_chunk: int | None = None, compile: bool = False) -> None:
         if prefill_chunk is not None and (
             not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1
         ):
@@ -82,10 +87,13 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.dtype = compute_dtype(model)
         self.device = next(model.parameters()).device
+        self.static = compile
+        self._step = torch.compile(model, dynamic=False) if compile else model
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache in the model's activation dtype and device."""
-        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+        """An empty cache in the model's activation dtype and device (static shapes when compiling)."""
+        cls = StaticKVCache if self.static else KVCache
+        return cls(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
 
     # ---- the named steps ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -104,15 +112,22 @@ class Engine:
         step = self.prefill_chunk or tokens.shape[1]
         for s in range(0, tokens.shape[1], step):
             # last_only: intermediate chunks only fill the cache, the last keeps a (B, 1, V) slice
-            logits = self.model(
-                tokens[:, s : s + step], positions[:, s : s + step], cache=cache, last_only=True
-            )
+            logits = self._forward(tokens[:, s : s + step], positions[:, s : s + step], cache)
         return logits[:, -1]
 
     @torch.inference_mode()
     def decode_one(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed one token per row, tokens and positions (B,); return that position's logits (B, V)."""
-        return self.model(tokens[:, None], positions[:, None], cache=cache)[:, -1]
+        return self._forward(tokens[:, None], positions[:, None], cache)[:, -1]
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One model call (B, T) -> last-column logits (B, 1, V); one-token steps of a static cache are
+        compiled (if enabled) and counted here, since the static cache does not count them itself."""
+        if isinstance(cache, StaticKVCache) and tokens.shape[1] == 1:
+            logits = self._step(tokens, positions, cache=cache, last_only=True)
+            cache.advance(1)
+            return logits
+        return self.model(tokens, positions, cache=cache, last_only=True)
 
     # ---- whole requests ---------------------------------------------------------------------------
     def stream(

@@ -148,3 +148,54 @@ class KVCache:
             ring_v[:, :, : n - head] = v[:, :, t - n + head :]
             ring_pos[:, : n - head] = positions[:, t - n + head :]
         return k_all, v_all, pos_all
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose one-token updates have fixed shapes and no Python-side state: `torch.compile`-able.
+
+    Prefill (T > 1) works exactly as in `KVCache`. A one-token update writes at slot `self.slot` (a
+    0-dim tensor; ring slot `slot % window`) with `index_copy_` and returns the WHOLE buffers: every
+    global layer attends over max_len slots (unfilled ones carry position -1 and are masked), every
+    local layer over its full ring, written first (the key it overwrites is `window` tokens old, out
+    of reach already). Shapes never change between steps, so a compiled decode step compiles once.
+    The caller (the engine) calls `advance()` after each one-token forward; the cache does not count
+    one-token updates itself, because a Python counter read inside a compiled graph would be guarded
+    and recompile every step. Cost: global layers read max_len keys per step instead of `length`
+    (at 256 tokens of context this is noise next to the weights; at 8k it is 2x the attention work).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slot = torch.zeros((), dtype=torch.long, device=self.k_global.device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.slot.zero_()
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if k.shape[2] != 1:
+            out = super().update(layer, k, v, positions)
+            if layer == self.config.n_layers - 1:
+                self.slot.fill_(self.length)
+            return out
+        i, slot = self._index[layer], self.slot.view(1)
+        positions = positions.to(torch.long)
+        if self._local[layer]:
+            ring = torch.remainder(slot, self.ring_len)
+            self.k_local[i].index_copy_(2, ring, k)
+            self.v_local[i].index_copy_(2, ring, v)
+            self.pos_local[i].index_copy_(1, ring, positions)
+            return self.k_local[i], self.v_local[i], self.pos_local[i]
+        self.k_global[i].index_copy_(2, slot, k)
+        self.v_global[i].index_copy_(2, slot, v)
+        self.pos_global.index_copy_(1, slot, positions)
+        return self.k_global[i], self.v_global[i], self.pos_global
+
+    def advance(self, n: int = 1) -> None:
+        """Account for `n` one-token steps fed through the static path."""
+        if self.length + n > self.max_len:
+            raise CacheError(f"KVCache full: {self.length} tokens fed + {n} new > max_len {self.max_len}")
+        self._fed = [f + n for f in self._fed]
+        self.slot += n

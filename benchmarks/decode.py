@@ -149,7 +149,18 @@ def measure_bandwidth(reps: int = 7) -> float:
 # ---- workers (each in its own process) --------------------------------------------------------------
 
 
+def _reset_peak_rss() -> None:
+    """Linux keeps ru_maxrss across fork+exec, so a worker would inherit the parent's peak: reset it."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_rss() -> int:
+    """This process's peak resident set since `_reset_peak_rss` (VmHWM), else ru_maxrss."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -223,8 +234,20 @@ def worker_hf(mode: str, files: dict, args: argparse.Namespace) -> dict:
 
 def worker_llama(qtype: str, files: dict, args: argparse.Namespace) -> dict:
     import llama_cpp
+    import llama_cpp.llama_cpp as low
     import numpy as np
 
+    if args.llama_no_repack:
+        # ggml's AMX/extra-buffer repacking of q8_0/q4_0 segfaults on some CPUs (llama.cpp#20824):
+        # fall back to its plain CPU kernels, and say so in the results.
+        default = low.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = params
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=files[qtype], n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
                           n_threads_batch=args.threads, n_batch=512, logits_all=False, verbose=False)  # fmt: skip
@@ -243,7 +266,7 @@ def worker_llama(qtype: str, files: dict, args: argparse.Namespace) -> dict:
                 llm.eval([token])
         if rep:
             runs.append(_timing(t_start, stamps, args.prompt_len, 1))
-    return {"load_s": load_s, **_summarise(runs)}
+    return {"load_s": load_s, "repack": not args.llama_no_repack, **_summarise(runs)}
 
 
 def _timing(t_start: float, stamps: list[float], prompt_len: int, batch: int) -> dict:
@@ -260,6 +283,7 @@ def _summarise(runs: list[dict]) -> dict:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    _reset_peak_rss()
     import torch
 
     torch.set_num_threads(args.threads)
@@ -282,6 +306,17 @@ def spawn(system: str, files: dict, args: argparse.Namespace, batch: int = 1) ->
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
+    if SYSTEMS[system][0] == "llama" and proc.returncode < 0:  # killed by a signal: retry without repacking
+        print(
+            f"  {system}: crashed with signal {-proc.returncode}; retrying without weight repacking",
+            flush=True,
+        )
+        proc = subprocess.run(
+            cmd + ["--llama-no-repack"], capture_output=True, text=True, timeout=args.timeout
+        )
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[7:])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     print(f"  {system}: failed ({' | '.join(tail)})", flush=True)
     return None
@@ -292,6 +327,16 @@ def weight_bytes(shape: str, bits: float) -> float:
     from gemmakit.model import param_count
 
     return param_count(get_preset(shape)) * bits / 8
+
+
+def kv_bytes(shape: str, args: argparse.Namespace) -> int:
+    """The gemmakit KV cache for one prompt + its new tokens, in float32."""
+    import torch
+
+    from gemmakit.config import get_preset
+    from gemmakit.infer import kv_cache_bytes
+
+    return kv_cache_bytes(get_preset(shape), 1, args.prompt_len + args.new_tokens, torch.float32)
 
 
 def machine() -> dict:
@@ -315,7 +360,7 @@ def report(results: dict, bandwidth: float, args: argparse.Namespace) -> str:
              f"{' '.join(sys.argv[1:])}`.\n"]  # fmt: skip
     for shape, rows in results["shapes"].items():
         lines += [f"## {shape}\n",
-                  "| system | prefill tok/s | TTFT s | decode tok/s [min-max] | % of BW ceiling | peak RSS GB | vs anchors (decode / prefill) |",
+                  "| system | prefill tok/s | TTFT s | decode tok/s [min-max] | % of BW ceiling | peak RSS GB (x weights+KV) | vs anchors (decode / prefill) |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, r in rows.items():
             if r is None:
@@ -330,7 +375,7 @@ def report(results: dict, bandwidth: float, args: argparse.Namespace) -> str:
             lo, hi = r["decode_range"]
             lines.append(f"| {name} | {r['prefill_tok_s']:.1f} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.2f} "
                          f"[{lo:.2f}-{hi:.2f}] | {100 * r.get('bw_fraction', float('nan')):.0f}% | "
-                         f"{r['peak_rss_bytes'] / 1e9:.2f} | {'; '.join(ratios)} |")  # fmt: skip
+                         f"{r['peak_rss_bytes'] / 1e9:.2f} ({r.get('rss_ratio', float('nan')):.2f}x) | {'; '.join(ratios)} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
@@ -351,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "decode.json"))
     ap.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--llama-no-repack", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--files", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -374,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             r = spawn(system, files, args)
             if r is not None:
                 r["bw_fraction"] = r["decode_tok_s"] * weight_bytes(shape, bits) / (bandwidth * 1e9)
+                r["rss_ratio"] = r["peak_rss_bytes"] / (weight_bytes(shape, bits) + kv_bytes(shape, args))
                 print(f"  {system:20s} prefill {r['prefill_tok_s']:7.1f} tok/s  decode {r['decode_tok_s']:6.2f} tok/s"
                       f"  RSS {r['peak_rss_bytes'] / 1e9:5.2f} GB", flush=True)  # fmt: skip
             rows[system] = r

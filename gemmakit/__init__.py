@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("gemmakit.checkpoint", "load_model"),
+    "load": ("gemmakit.quantize", "load_any"),  # float or quantized, told apart by manifest.json
     "Tokenizer": ("gemmakit.tokenizer", "Tokenizer"),
     "Engine": ("gemmakit.infer.engine", "Engine"),
     "Gemma": ("gemmakit.model", "Gemma"),
@@ -27,10 +27,10 @@ _LAZY = {
 __all__ = ["__version__", "load", "Tokenizer", "Engine", "Gemma", "ModelConfig", "PRESETS"]
 
 if TYPE_CHECKING:
-    from gemmakit.checkpoint import load_model as load
     from gemmakit.config import PRESETS, ModelConfig
     from gemmakit.infer.engine import Engine
     from gemmakit.model import Gemma
+    from gemmakit.quantize import load_any as load
     from gemmakit.tokenizer import Tokenizer
 
 

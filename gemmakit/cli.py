@@ -1,4 +1,4 @@
-"""The `gemmakit` command: generate, chat, convert, info. A thin layer over the library.
+"""The `gemmakit` command: generate, chat, convert, export-gguf, quantize, info; a thin layer.
 
 Where it sits: last in the data flow; the only module (with the future server) that prints.
 User errors (bad paths, corrupt checkpoints, invalid arguments) become one line on stderr and exit
@@ -46,9 +46,10 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load_model_and_tokenizer(args: argparse.Namespace, quantized_ok: bool = True) -> tuple[Any, Any]:
     from gemmakit.checkpoint import load_model
     from gemmakit.config import get_preset
+    from gemmakit.quantize import load_any
     from gemmakit.tokenizer import Tokenizer
 
     if args.model is None:
@@ -57,9 +58,8 @@ def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
             "(see README.md, 'Getting weights')"
         )
     config = get_preset(args.preset) if getattr(args, "preset", None) else None
-    model = load_model(
-        args.model, dtype=_dtype(args.dtype), device=args.device, attn_impl=args.attn, config=config
-    )
+    load = load_any if quantized_ok else load_model  # load_any also reads `gemmakit quantize` output
+    model = load(args.model, dtype=_dtype(args.dtype), device=args.device, attn_impl=args.attn, config=config)
     tok_path = args.tokenizer or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent)
     tokenizer = Tokenizer.load(tok_path)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -168,6 +168,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from gemmakit.export_gguf import export_gguf
+
+    _threads(args.threads)
+    model, tokenizer = _load_model_and_tokenizer(args, quantized_ok=False)
+    info = export_gguf(model, tokenizer, args.out, args.type, overwrite=args.overwrite)
+    size = Path(info.path).stat().st_size
+    print(f"wrote {args.type} GGUF ({len(info.tensors)} tensors, {_bytes(size)}) to {info.path}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gemmakit.checkpoint import load_model
+    from gemmakit.config import get_preset
+    from gemmakit.quantize import quantize_model, save_quantized
+
+    _threads(args.threads)
+    config = get_preset(args.preset) if args.preset else None
+    model = load_model(args.model, config=config)  # stored dtype, memory-mapped; quantized row chunk by chunk
+    quantize_model(model, args.scheme, args.group_size, embed_scheme=args.embed_scheme)
+    src = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    tok = src / "tokenizer.model"
+    out = save_quantized(model, args.out, tokenizer=tok if tok.is_file() else None, overwrite=args.overwrite)
+    group = f", group size {model.blocks[0].wq.group_size}" if args.scheme == "int4" else ""
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    print(f"wrote {args.scheme}{group} checkpoint ({_bytes(size)}) to {out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -269,6 +298,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export-gguf", help="export to a llama.cpp GGUF file",
+                       description="Export a checkpoint and its tokenizer to one GGUF file for llama.cpp "
+                                   "(needs the 'gguf' extra).")  # fmt: skip
+    p.add_argument("--model", required=True, help="source checkpoint (directory or file)")
+    p.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="tensor type (norms stay f32; q4_0 keeps the tied embedding at q8_0)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    p.add_argument("--tokenizer", help="tokenizer.model or its directory (default: beside the weights)")
+    p.add_argument("--preset", help="config preset for a checkpoint without config.json")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export_gguf, dtype=None, device="cpu", attn="eager")
+
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization",
+                       description="Quantize every linear layer and the embedding (weight-only) and save "
+                                   "a checkpoint that generate/chat load directly.")  # fmt: skip
+    p.add_argument("--model", required=True, help="source checkpoint (directory or file)")
+    p.add_argument("--scheme", required=True, choices=["int8", "int4"],
+                   help="int8: per-output-row scales; int4: groups of --group-size columns")  # fmt: skip
+    p.add_argument("--group-size", type=int, default=None, help="int4: a multiple of 32 (default 64)")
+    p.add_argument("--embed-scheme", choices=["int8", "int4"], default=None,
+                   help="quantize the embedding / output projection differently (default: --scheme)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--preset", help="config preset for a source without config.json")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("info", help="config, parameter count and memory estimate",
                        description="Show a model's config, parameter count and memory needs without loading weights.")  # fmt: skip
     p.add_argument("--model", help="checkpoint directory or weights file")
@@ -285,10 +342,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gemmakit.chat import ChatError
     from gemmakit.checkpoint import CheckpointError
     from gemmakit.config import ConfigError
+    from gemmakit.export_gguf import GGUFError
     from gemmakit.infer.engine import GenerationError
+    from gemmakit.quantize import QuantError
     from gemmakit.tokenizer import TokenizerError
 
-    return (UsageError, ConfigError, CheckpointError, TokenizerError, ChatError, GenerationError)
+    return (UsageError, ConfigError, CheckpointError, TokenizerError, ChatError, GenerationError, GGUFError,
+            QuantError)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

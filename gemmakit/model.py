@@ -90,6 +90,13 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return allowed[:, None]
 
 
+class Embedding(nn.Embedding):
+    """The token embedding; `attend` is the tied output projection (a quantized table swaps in both)."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class Block(nn.Module):
     """One decoder layer. Norm layout, QK-norm, window, RoPE base and soft-cap all come from the config."""
 
@@ -172,7 +179,7 @@ class Gemma(nn.Module):
         super().__init__()
         self.config = cfg
         self.attn_impl = "eager"  # runtime choice, not a model property; see ATTN_IMPLS
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed = Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tie_embeddings:
@@ -187,8 +194,8 @@ class Gemma(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
-        scale = torch.tensor(cfg.dim**0.5).to(self.embed.weight.dtype)  # fp32(sqrt(H)), then weight dtype
-        x = self.embed(tokens) * scale
+        x = self.embed(tokens)
+        x = x * torch.tensor(cfg.dim**0.5).to(x.dtype)  # fp32(sqrt(H)), then the embedding's dtype
         ropes = {}
         for kind, theta, factor in (
             (False, cfg.rope_theta, cfg.rope_scaling),
@@ -201,7 +208,7 @@ class Gemma(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        logits = F.linear(x, self.embed.weight if cfg.tie_embeddings else self.lm_head.weight)
+        logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)  # both are F.linear(x, W)
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         return logits

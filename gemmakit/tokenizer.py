@@ -201,6 +201,22 @@ class Tokenizer:
         self._bytes_cache: dict[int, bytes] = {}
         log.info("tokenizer %s: %d pieces, layout %s", source, self.vocab_size, self.generation_layout)
 
+    def vocab(self, n: int | None = None) -> tuple[list[str], list[float], list[int]]:
+        """(pieces, scores, SentencePiece types) of the first `n` ids (all by default).
+
+        Types are those of the in-memory model, where reserved pieces (<start_of_turn>, <unusedN>, ...)
+        are CONTROL (3) so that text can never produce them; NORMAL 1, UNKNOWN 2, USER_DEFINED 4,
+        UNUSED 5, BYTE 6. Exporters (GGUF) write these as they are.
+        """
+        n = self.vocab_size if n is None else min(n, self.vocab_size)
+        proto = self._sp.serialized_model_proto()
+        types = []
+        for start, end in _piece_spans(proto)[:n]:
+            at = _type_offset(proto, start, end)
+            types.append(proto[at] if at >= 0 else 1)  # field absent = NORMAL (1)
+        pieces = [self._sp.id_to_piece(i) for i in range(n)]
+        return pieces, [self._sp.get_score(i) for i in range(n)], types
+
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """Load a SentencePiece model file, or a directory containing `tokenizer.model`."""

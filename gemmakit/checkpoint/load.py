@@ -280,6 +280,9 @@ def _load(
     path: Path, dtype: torch.dtype | None, device: str, config: ModelConfig | None, verify: bool
 ) -> Gemma:
     src = _resolve(path)
+    if src.manifest is not None and _read_json(src.manifest).get("format") == "quantized":
+        raise _err(src.manifest.parent, "a quantized checkpoint (see manifest.json); load it with "
+                                        "gemmakit.load() or gemmakit.quantize.load_quantized()")  # fmt: skip
     store = _open_store(src.files, src.safetensors_only, src.where)
     infos = _normalize(store)
     layout = _layout(list(infos))

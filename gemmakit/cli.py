@@ -210,17 +210,26 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"preset {args.preset}",
         )
     elif args.model:
-        desc = describe(args.model)
+        from gemmakit.quantize import read_quantization
+
+        desc, quant = describe(args.model), read_quantization(args.model)
         cfg, dtype, where = (
             desc["config"],
             _dtype(args.dtype) or desc["dtype"],
             f"{desc['format']} at {args.model}",
         )
+        if quant is not None:  # packed weights: the files' size is the weight memory
+            q = quant["quantization"]
+            group = f", groups of {q['group_size']}" if q.get("group_size") else ""
+            where = f"quantized {q['scheme']}{group} at {args.model}"
+            dtype = _dtype(args.dtype) or getattr(torch, quant.get("dtype", "float32"))
     else:
         raise UsageError("info: pass --model DIR or --preset NAME")
     from gemmakit.infer.kv_cache import kv_cache_bytes
 
     mem = estimate_memory(cfg, dtype)
+    if args.model and quant is not None:
+        mem["weight_bytes"] = sum(Path(f).stat().st_size for f in desc["files"])
     ctx = args.context or min(cfg.max_seq_len, 8192)
     kv = kv_cache_bytes(cfg, 1, ctx, dtype)
     print(f"model:       {where}")

@@ -364,6 +364,10 @@ def test_cli_quantize_then_generate(tmp_path: Path) -> None:
     tok = Tokenizer.load(tmp_path / "q")
     ids = Engine(load_quantized(tmp_path / "q")).generate([tok.encode("hello", bos=True)], 8)[0]
     assert proc.stdout.rstrip("\n") == tok.decode(ids)
+    proc = run("info", "--model", str(tmp_path / "q"))
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert proc.returncode == 0 and "quantized int4, groups of 64" in proc.stdout, proc.stderr
+    assert f"weights:     {size / 1024:.2f} KiB" in proc.stdout, proc.stdout
     bad = [
         "quantize",
         "--model",

@@ -173,6 +173,15 @@ class _Store:
         except SafetensorError as e:
             raise _err(info.file, f"corrupt safetensors file ({e})") from None
 
+    def release(self, name: str) -> None:
+        """Unmap the safetensors file holding `name` once no view into it is kept (cast loads).
+
+        Touched pages of a mapped file count in RSS while mapped: a bf16 -> fp32 load of a 5 GB file
+        would otherwise peak at 15 GB (10 GB of copies + 5 GB of mapped source) instead of ~11 GB.
+        The next `fetch` reopens the file (a header parse: ~1 ms).
+        """
+        self.handles.pop(self.infos[name].file, None)
+
 
 def _torch_load(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     """A state dict from a zip or legacy pickle, through the weights-only unpickler only."""

@@ -252,7 +252,11 @@ def _materialize(store: _Store, infos: dict[str, _Info], cfg: ModelConfig, layou
             t = t[: cfg.vocab_size]  # multimodal repos: rows past the text vocab are image tokens
         if f.endswith(_GP_QKV):
             t = t.narrow(0, *split[ours.split(".")[-2]])  # fused rows: q, then k, then v
+        copied = t.dtype != dtype or t.device != torch.device(device)
         sd[ours] = t.to(device=device, dtype=dtype)
+        if copied:
+            del t
+            store.release(infos[f].stored_name)
     return sd
 
 

@@ -44,6 +44,7 @@ SYSTEMS = {
     "gemmakit bf16": ("gemmakit", "bf16", 16),
     "gemmakit int8": ("gemmakit", "int8", 8),
     "gemmakit int4": ("gemmakit", "int4", 4.5),  # 4-bit values + a bf16 scale and minimum per 64
+    "gemmakit bf16 (native)": ("gemmakit", "bf16w", 16),  # the "bf16" weight scheme: native bf16 GEMV
     "transformers fp32": ("hf", "fp32", 32),
     "transformers bf16": ("hf", "bf16", 16),
     "llama.cpp f16": ("llama", "f16", 16),
@@ -117,7 +118,8 @@ def prepare(shape: str, root: Path) -> dict:
     files = {"hf": str(model_dir)}
     from gemmakit.quantize import quantize_model, save_quantized
 
-    for scheme in ("int8", "int4"):  # quantize once, as a user would (`gemmakit quantize`), then load that
+    for mode in ("int8", "int4", "bf16w"):  # quantize once, as `gemmakit quantize` would, then load that
+        scheme = mode.removesuffix("w")
         qdir = root / shape / f"gemmakit-{scheme}"
         if not (qdir / "manifest.json").exists():
             t0 = time.perf_counter()
@@ -125,7 +127,7 @@ def prepare(shape: str, root: Path) -> dict:
                 quantize_model(load_model(model_dir, dtype=torch.float32), scheme), qdir, overwrite=True
             )
             print(f"  quantized {scheme} in {time.perf_counter() - t0:.0f} s", flush=True)
-        files[scheme] = str(qdir)
+        files[mode] = str(qdir)
     try:
         from gemmakit.export_gguf import export_gguf
     except ImportError:

@@ -320,14 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export_gguf, dtype=None, device="cpu", attn="eager")
 
-    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization",
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization (or bf16 weights)",
                        description="Quantize every linear layer and the embedding (weight-only) and save "
                                    "a checkpoint that generate/chat load directly.")  # fmt: skip
     p.add_argument("--model", required=True, help="source checkpoint (directory or file)")
-    p.add_argument("--scheme", required=True, choices=["int8", "int4"],
-                   help="int8: per-output-row scales; int4: groups of --group-size columns")  # fmt: skip
+    p.add_argument("--scheme", required=True, choices=["int8", "int4", "bf16"],
+                   help="int8: per-output-row scales; int4: groups of --group-size columns; "
+                        "bf16: weights kept as bf16, native bf16 x fp32 decode kernel")  # fmt: skip
     p.add_argument("--group-size", type=int, default=None, help="int4: a multiple of 32 (default 64)")
-    p.add_argument("--embed-scheme", choices=["int8", "int4"], default=None,
+    p.add_argument("--embed-scheme", choices=["int8", "int4", "bf16"], default=None,
                    help="quantize the embedding / output projection differently (default: --scheme)")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--preset", help="config preset for a source without config.json")

@@ -4,7 +4,8 @@ Where it sits: after `checkpoint` (it loads float checkpoints through it), befor
 A quantized Gemma is the same `Gemma` module with `QLinear` / `QEmbedding` swapped in, so the
 engine, KV cache and sampler do not know the difference. The package's modules, bottom to top:
 
-- `schemes`: int8 per-output-row and int4 group-wise packing, the reference dequantizer.
+- `schemes`: int8 per-output-row and int4 group-wise packing, bf16 (unquantized bf16 weights for
+  the native bf16 x fp32 GEMV), the reference dequantizer.
 - `kernels`: native GEMV (C++ built on first use, cached) or the PyTorch fallback; tiled fp32 GEMM
   for prefill.
 - `modules`: QLinear, QEmbedding, `quantize_state_dict` (pure), `swap_modules`, `quantize_model`.

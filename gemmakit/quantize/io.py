@@ -3,7 +3,8 @@
 Where it sits: on top of `modules` and `gemmakit.checkpoint` (whose atomic directory writer,
 safetensors header validation and error type it reuses). A quantized checkpoint is a directory:
 
-    model.safetensors   packed buffers (`blocks.0.wq.qweight`, `.scales` / `.scale_min`) + float norms
+    model.safetensors   packed buffers (`blocks.0.wq.qweight`, `.scales` / `.scale_min`; bf16: `.qweight` as bf16)
+                        + float norms
     manifest.json       format "quantized", the ModelConfig, "quantization": {layout, scheme,
                         group_size, dtype, tensors: {module: {scheme, group_size, shape}}}, file sizes
                         and sha256
@@ -31,7 +32,7 @@ from gemmakit.checkpoint.formats import _err, _sha256
 from gemmakit.checkpoint.save import _atomic_dir, _version, _write_file, _write_safetensors
 from gemmakit.config import ConfigError, ModelConfig
 from gemmakit.model import ATTN_IMPLS, Gemma
-from gemmakit.quantize.modules import LAYOUT, quantization_meta, swap_modules
+from gemmakit.quantize.modules import LAYOUT, QMatrix, quantization_meta, swap_modules
 from gemmakit.quantize.schemes import QuantError, check_scheme, check_shape
 
 FORMAT = "quantized"
@@ -157,12 +158,15 @@ def _materialize(model: Gemma, weights: Path, want: dict[str, torch.Tensor], dty
                  device: str) -> Gemma:  # fmt: skip
     from safetensors import SafetensorError, safe_open
 
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QMatrix) for b in m.packed}
     sd = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
             for name, t in want.items():
                 value = f.get_tensor(name)
-                cast = dtype if (dtype is not None and t.dtype.is_floating_point) else value.dtype
+                # packed buffers stay as stored (the bf16 scheme's weights are floating point too)
+                floating = t.dtype.is_floating_point and name not in packed
+                cast = dtype if (dtype is not None and floating) else value.dtype
                 sd[name] = value.to(device=device, dtype=cast)
     except SafetensorError as e:
         raise _err(weights, f"corrupt safetensors file ({e})") from None

@@ -6,7 +6,10 @@ through the native GEMV; prefill (M > `GEMV_MAX_ROWS` rows) dequantizes row tile
 MKL's fp32 GEMM. Measured (bench_kernels.py, 2-core AVX-512 Xeon, 2 threads, 16384x2048 weights
 streamed from DRAM): int8 1.78 ms = 18.9 GB/s, int4 g64 1.42 ms = 23.6 Gweights/s, against fp32
 F.linear 5.16 ms, bf16 3.95 ms, aten _weight_int8pack_mm 2.78 ms (bf16 activations; 15.0 ms with
-fp32), a torch.compile'd dequantize-GEMV 3.7 ms (int8) / 4.8 ms (int4).
+fp32), a torch.compile'd dequantize-GEMV 3.7 ms (int8) / 4.8 ms (int4). The bf16 scheme's GEMV
+(bf16 weights widened by a shift, fp32 FMA): 2.6 ms = 25.7 GB/s vs bf16 F.linear 3.4 ms = 19.7 GB/s
+and fp32 F.linear 4.8 ms = 28.3 GB/s (same bytes per weight as bf16 F.linear, half of fp32's);
+its prefill uses the bf16 GEMM where AMX / AVX512-BF16 make it fast (`_BF16_GEMM`).
 
 Build: `qgemv_src.SOURCE` is compiled with the system C++ compiler (`$CXX`, g++, c++ or clang++;
 ~1-3 s, no torch headers) into `$GEMMAKIT_CACHE_DIR` (default `~/.cache/gemmakit/kernels`), named
@@ -44,7 +47,7 @@ from gemmakit.quantize.schemes import dequantize_matrix, packed_shapes
 
 log = logging.getLogger(__name__)
 
-ABI = 2  # must equal gk_abi() in SOURCE; bump with any change of the exported C signatures
+ABI = 3  # must equal gk_abi() in SOURCE; bump with any change of the exported C signatures
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
 OPENMP = ["-fopenmp"]  # dropped (single-threaded kernels) if the compiler has no OpenMP, e.g. Apple clang
 # Activation rows up to which the native GEMV beats dequantizing tiles + MKL fp32 GEMM. Measured on
@@ -52,6 +55,15 @@ OPENMP = ["-fopenmp"]  # dropped (single-threaded kernels) if the compiler has n
 # int4 g64 15.2 vs 20.6; M=64 int8 20.4 vs 27.6 but int4 29.0 vs 26.1; M=128 the GEMM wins both.
 # AVX2 halves the GEMV's arithmetic rate, hence a lower bound there; scalar wins at a few rows only.
 GEMV_MAX_ROWS = {"avx512": 32, "avx2": 16, "scalar": 4}
+# bf16 prefill: MKL-DNN's bf16 GEMM (AMX / AVX512-BF16) on bf16-rounded activations instead of fp32
+# tiles. 128x2048 @ 16384x2048 on the 2-core Xeon (AMX): 6.1-6.6 ms vs 35-39 ms for bf16 -> fp32 tiles
+# + fp32 GEMM (60 ms upcasting the whole matrix); the price is activations rounded to bf16 (relative
+# error 2.3e-3 vs 3.4e-7). Without AMX / AVX512-BF16, bf16 GEMM is emulated and slow: fp32 tiles then.
+_BF16_GEMM = any(
+    getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+)
+# Rows up to which the bf16 GEMV beats that bf16 GEMM (16384x2048, ms): M=4 2.7 vs 3.9, M=8 4.4 vs 3.6.
+BF16_GEMV_MAX_ROWS = 4
 TILE_BYTES = 16 << 20  # fp32 bytes dequantized per prefill tile: bounds the temporary, stays in cache
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -60,6 +72,7 @@ _SIGNATURES = {
     "gk_q4_gemv": [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _int],
     "gk_q8_dequant": [_vp, _vp, _i64, _i64, _i64, _vp, _int],
     "gk_q4_dequant": [_vp, _vp, _i64, _i64, _i64, _i64, _vp, _int],
+    "gk_bf16_gemv": [_vp, _i64, _i64, _vp, _i64, _vp, _int],
 }
 _state: dict[str, object] = {}  # "native": Kernels or None once tried; "why": reason for the fallback
 _scratch = threading.local()  # per-thread prefill tile buffer: a fresh 16 MB tensor per call page-faults
@@ -94,7 +107,9 @@ class Kernels:
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k:
             raise ValueError(f"x: expected a CPU float32 (M, {k}) tensor, got {x.dtype} {tuple(x.shape)}")
         x, y, threads = x.contiguous(), torch.empty(m, n), torch.get_num_threads()
-        if scheme == "int8":
+        if scheme == "bf16":
+            self.lib.gk_bf16_gemv(x.data_ptr(), m, k, packed["qweight"].data_ptr(), n, y.data_ptr(), threads)
+        elif scheme == "int8":
             self.lib.gk_q8_gemv(x.data_ptr(), m, k, packed["qweight"].data_ptr(), packed["scales"].data_ptr(), n, y.data_ptr(), threads)  # fmt: skip
         else:
             self.lib.gk_q4_gemv(x.data_ptr(), m, k, packed["qweight"].data_ptr(), packed["scale_min"].data_ptr(), group, n, y.data_ptr(), threads)  # fmt: skip
@@ -108,7 +123,9 @@ class Kernels:
         out = torch.empty(r1 - r0, k) if out is None else out
         if not (0 <= r0 <= r1 <= n and out.shape == (r1 - r0, k) and out.is_contiguous() and out.dtype == torch.float32):  # fmt: skip
             raise ValueError(f"dequantize: rows {r0}:{r1} of {n} into out {out.dtype} {tuple(out.shape)}")
-        if scheme == "int8":
+        if scheme == "bf16":  # widening bf16 is exact; torch's copy kernel is vectorized already
+            out.copy_(packed["qweight"][r0:r1])
+        elif scheme == "int8":
             self.lib.gk_q8_dequant(packed["qweight"].data_ptr(), packed["scales"].data_ptr(), r0, r1, k, out.data_ptr(), threads)  # fmt: skip
         else:
             self.lib.gk_q4_dequant(packed["qweight"].data_ptr(), packed["scale_min"].data_ptr(), r0, r1, k, group, out.data_ptr(), threads)  # fmt: skip
@@ -214,10 +231,13 @@ def matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], scheme: str, shape:
     (n, k), kern = shape, native()
     if kern is not None and x.device.type != "cpu":
         kern = None
-    if kern is not None and x.shape[0] <= (
-        GEMV_MAX_ROWS.get(kern.isa, 4) if max_gemv_rows is None else max_gemv_rows
-    ):
+    bf16_gemm = scheme == "bf16" and kern is not None and _BF16_GEMM
+    if max_gemv_rows is None and kern is not None:
+        max_gemv_rows = BF16_GEMV_MAX_ROWS if bf16_gemm else GEMV_MAX_ROWS.get(kern.isa, 4)
+    if kern is not None and x.shape[0] <= max_gemv_rows:
         return kern.gemv(x, packed, scheme, shape, group)
+    if bf16_gemm:
+        return F.linear(x.to(torch.bfloat16), packed["qweight"]).float()
     rows = max(1, min(n, TILE_BYTES // (4 * k)))
     buf = None
     if kern is not None:

@@ -8,6 +8,7 @@ fma'd against fp32 activations, so the result is the fp32 product with the dequa
 to summation order. int4 avoids byte shuffles entirely (see the comment at the top of SOURCE):
 ~3 vector instructions per 16 weights; its mild cancellation (1 + q/16 instead of q) leaves int4
 GEMV errors ~1.5e-6 of the output scale, against 2.7e-7 for fp32 F.linear (bench_kernels notes).
+The bf16 GEMV widens each weight with a 16-bit shift (exact) and fma's in fp32 like int8.
 Rows are split over OpenMP threads. Changing this text changes the cache key, so a stale build is
 never loaded.
 """
@@ -248,11 +249,75 @@ void q4_rows(const float* x, const float* xs, int64_t K, const uint8_t* w, const
   }
 }
 
+// ---- bf16: w[n,k] = bf16 bits << 16 as fp32; R weight rows x MB activation rows ------------------
+// Each R-row tile prefetches the next tile's rows like int8 (one line per row per 64 bytes = 32 cols).
+inline float bf16_f32(uint16_t v) { uint32_t b = (uint32_t)v << 16; float f; memcpy(&f, &b, 4); return f; }
+
+template <int R, int MB>
+inline void bf_tile(const float* x, int64_t K, const uint16_t* w, float* y, int64_t N) {
+  float sum[R][MB];
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
+  for (; k + 32 <= K; k += 32) {
+    for (int r = 0; r < R; r++) GK_PREFETCH(w + (r + R) * K + k);
+    for (int h = 0; h < 32; h += 16) {
+      __m512 xv[MB];
+      for (int m = 0; m < MB; m++) xv[m] = _mm512_loadu_ps(x + m * K + k + h);
+      for (int r = 0; r < R; r++) {
+        const __m512i e = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + r * K + k + h)));
+        const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(e, 16));
+        for (int m = 0; m < MB; m++) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) sum[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    if ((k & 31) == 0)
+      for (int r = 0; r < R; r++) GK_PREFETCH(w + (r + R) * K + k);
+    __m256 xv[MB];
+    for (int m = 0; m < MB; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    for (int r = 0; r < R; r++) {
+      const __m256i e = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + r * K + k)));
+      const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(e, 16));
+      for (int m = 0; m < MB; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    sum[r][m] = _mm_cvtss_f32(v);
+  }
+#else
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) sum[r][m] = 0.0f;
+#endif
+  for (; k < K; k++)
+    for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) sum[r][m] += bf16_f32(w[r * K + k]) * x[m * K + k];
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) y[m * N + r] = sum[r][m];
+}
+
+template <int MB>
+void bf_rows(const float* x, int64_t K, const uint16_t* w, int64_t N, float* y, int nt) {
+  constexpr int R = 4;  // 16384x2048, M=1, weights from DRAM: R=2 23.8, R=4 25.7, R=8 24.8 GB/s
+  const int64_t nblk = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t b = 0; b < nblk; b++) {
+    const int64_t n = b * R;
+    if (n + R <= N) bf_tile<R, MB>(x, K, w + n * K, y + n, N);
+    else for (int64_t j = n; j < N; j++) bf_tile<1, MB>(x, K, w + j * K, y + j, N);
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int gk_abi(void) { return 2; }
+int gk_abi(void) { return 3; }
 
 const char* gk_isa(void) {
 #if defined(__AVX512F__)
@@ -303,6 +368,20 @@ void gk_q4_gemv(const float* x, int64_t M, int64_t K, const uint8_t* w, const ui
     }
   }
   free(xs);
+}
+
+void gk_bf16_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* y, int nthreads) {
+  const int nt = threads_for(N * K, nthreads);
+  for (int64_t m = 0; m < M; m += 4) {
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (M - m >= 4 ? 4 : M - m) {
+      case 1: bf_rows<1>(xm, K, w, N, ym, nt); break;
+      case 2: bf_rows<2>(xm, K, w, N, ym, nt); break;
+      case 3: bf_rows<3>(xm, K, w, N, ym, nt); break;
+      default: bf_rows<4>(xm, K, w, N, ym, nt); break;
+    }
+  }
 }
 
 // out[n - r0, k] = dequant(w)[n, k] for rows r0 <= n < r1; bitwise equal to the torch reference

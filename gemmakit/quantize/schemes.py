@@ -13,6 +13,9 @@ round the activations to int8).
   D*i + L is nibble i (bits 4i..4i+3) of lane L. A 16-lane SIMD load then gives columns 16i..16i+15
   with one shift and one mask (no byte shuffles): the kernels' int4 speed comes from this layout.
   4.5 bits/weight at group 64 (4 + 32/64), 5.0 at group 32.
+- bf16: not quantized at all, the weight as bfloat16 (`qweight`, exactly a bf16 checkpoint's
+  values), 16 bits/weight; it exists for the native bf16 x fp32 GEMV (`kernels`), which streams
+  bf16 faster than PyTorch's bf16 F.linear on CPUs.
 
 Key trade-off: int4 keeps a min per group (asymmetric, like q4_1 / gpt-fast) instead of q4_0's
 symmetric absmax. Relative RMS weight error on N(0, 0.02) rows: int4 g32 7.8%, g64 9.0%, g128
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "bf16")
 CHUNK = 32  # int4 columns must come in multiples of this; so must group sizes
 BLOCK = 128  # int4 columns per packed block (see the layout above)
 DEFAULT_GROUP_SIZE = 64  # int4; the measurement behind it is in the module docstring
@@ -39,14 +42,13 @@ class QuantError(ValueError):
 
 
 def check_scheme(scheme: str, group_size: int | None) -> int | None:
-    """The group size to use for `scheme` (None for int8); bad arguments raise QuantError."""
+    """The group size to use for `scheme` (None for int8 and bf16); bad arguments raise QuantError."""
     if scheme not in SCHEMES:
         raise QuantError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
-    if scheme == "int8":
+    if scheme in ("int8", "bf16"):
         if group_size is not None:
-            raise QuantError(
-                f"group_size: int8 uses one scale per output row; expected None, got {group_size!r}"
-            )
+            what = "one scale per output row" if scheme == "int8" else "no groups (weights kept as bf16)"
+            raise QuantError(f"group_size: {scheme} uses {what}; expected None, got {group_size!r}")
         return None
     if group_size is None:
         return DEFAULT_GROUP_SIZE
@@ -76,11 +78,15 @@ def packed_shapes(shape: tuple[int, int], scheme: str, group_size: int | None) -
     n, k = shape
     if scheme == "int8":
         return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float32)}
+    if scheme == "bf16":
+        return {"qweight": ((n, k), torch.bfloat16)}
     return {"qweight": ((n, k // 2), torch.uint8), "scale_min": ((n, k // group_size), torch.int32)}
 
 
 def quantize_matrix(w: torch.Tensor, scheme: str, group_size: int | None) -> dict[str, torch.Tensor]:
     """Pack a float (N, K) matrix; rows are done in chunks so a 256000-row embedding needs no 3x copy."""
+    if scheme == "bf16":  # round-to-nearest-even from fp32; a bf16 source is copied bit for bit
+        return {"qweight": w.detach().to(torch.bfloat16, copy=True).contiguous()}
     n = w.shape[0]
     parts = [
         _quantize_rows(w[i : i + _ROWS_PER_STEP].float(), scheme, group_size)
@@ -145,6 +151,8 @@ def dequantize_matrix(packed: dict[str, torch.Tensor], scheme: str, group_size: 
     int8 is one multiply; int4 is a multiply then an add (two roundings, never a fused multiply-add).
     Row slices of `packed` dequantize the same rows (the embedding lookup relies on it).
     """
+    if scheme == "bf16":
+        return packed["qweight"].float()
     q = packed["qweight"]
     if scheme == "int8":
         return q.float() * packed["scales"][..., None]

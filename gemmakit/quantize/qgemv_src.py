@@ -47,6 +47,15 @@ namespace {
 inline float hi_f32(uint32_t v) { uint32_t b = v & 0xFFFF0000u; float f; memcpy(&f, &b, 4); return f; }
 inline float lo_f32(uint32_t v) { uint32_t b = v << 16; float f; memcpy(&f, &b, 4); return f; }
 inline int threads_for(int64_t work, int nthreads) { return work < (1 << 16) ? 1 : nthreads; }
+#if defined(__AVX2__) && defined(__FMA__)
+// horizontal sum of 8 lanes (shared by every AVX2 tile)
+inline float hsum256(__m256 a) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+#endif
 
 // nibble q of column k in an int4 row (any block, any position): the scalar definition of the layout
 inline int nibble(const uint8_t* row, int64_t K, int64_t k) {
@@ -88,12 +97,7 @@ inline void q8_tile(const float* x, int64_t K, const int8_t* w, const float* sca
       for (int m = 0; m < MB; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
-  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    sum[r][m] = _mm_cvtss_f32(v);
-  }
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) sum[r][m] = hsum256(acc[r][m]);
 #else
   for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) sum[r][m] = 0.0f;
 #endif
@@ -130,12 +134,6 @@ template <int I>
 inline __m256 f_of(__m256i v) {
   const __m256i t = (4 * I <= 19) ? _mm256_slli_epi32(v, (19 - 4 * I) & 31) : _mm256_srli_epi32(v, (4 * I - 19) & 31);
   return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(t, _mm256_set1_epi32(0x00780000)), _mm256_set1_epi32(0x3F800000)));
-}
-inline float hsum256(__m256 a) {
-  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  v = _mm_add_ss(v, _mm_movehdup_ps(v));
-  return _mm_cvtss_f32(v);
 }
 template <int R, int MB, int I>
 inline void q4_step(const __m256i* v0, const __m256i* v1, const float* x, int64_t K, int64_t k, __m256 (*gacc)[MB]) {
@@ -287,12 +285,7 @@ inline void bf_tile(const float* x, int64_t K, const uint16_t* w, float* y, int6
       for (int m = 0; m < MB; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
-  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    sum[r][m] = _mm_cvtss_f32(v);
-  }
+  for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) sum[r][m] = hsum256(acc[r][m]);
 #else
   for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) sum[r][m] = 0.0f;
 #endif

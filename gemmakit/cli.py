@@ -60,6 +60,10 @@ def _load_model_and_tokenizer(args: argparse.Namespace, quantized_ok: bool = Tru
     config = get_preset(args.preset) if getattr(args, "preset", None) else None
     load = load_any if quantized_ok else load_model  # load_any also reads `gemmakit quantize` output
     model = load(args.model, dtype=_dtype(args.dtype), device=args.device, attn_impl=args.attn, config=config)
+    if quantized_ok:  # a bf16 model on CPU decodes through the native bf16 GEMV (1.6x PyTorch's), no copy
+        from gemmakit.quantize import with_bf16_kernels
+
+        model = with_bf16_kernels(model)
     tok_path = args.tokenizer or (Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent)
     tokenizer = Tokenizer.load(tok_path)
     if tokenizer.vocab_size > model.config.vocab_size:

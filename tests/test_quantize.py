@@ -7,6 +7,7 @@ for the whole quantized model; the float model for the documented error bounds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -38,6 +39,7 @@ from gemmakit.quantize import (
     quantize_model,
     quantize_state_dict,
     save_quantized,
+    with_bf16_kernels,
 )
 from gemmakit.quantize.schemes import pack_nibbles, quantize_matrix, unpack_nibbles
 
@@ -130,6 +132,17 @@ def test_quantize_state_dict_is_pure() -> None:
     )
 
 
+@contextlib.contextmanager
+def exact_prefill():
+    """fp32 prefill GEMMs for the duration (bf16 ones are the default on AMX / AVX512-BF16 CPUs)."""
+    before = kernels.bf16_prefill()
+    kernels.bf16_prefill(False)
+    try:
+        yield
+    finally:
+        kernels.bf16_prefill(before)
+
+
 # ---- kernels -----------------------------------------------------------------------------------------
 
 
@@ -155,6 +168,10 @@ def test_kernels_equal_the_reference(march: str, kern) -> None:
             deq = dequantize_matrix(packed, scheme, group)
             assert torch.equal(k.dequantize(packed, scheme, (n, kdim), group, 0, n), deq)
             assert torch.equal(k.dequantize(packed, scheme, (n, kdim), group, 5, 11), deq[5:11])
+            half = torch.empty(6, kdim, dtype=torch.bfloat16)  # the bf16 prefill tiles: RNE of the same
+            assert torch.equal(
+                k.dequantize(packed, scheme, (n, kdim), group, 5, 11, half), deq[5:11].bfloat16()
+            )
             for m in (1, 2, 3, 4, 5, 9):
                 x = torch.randn(m, kdim, generator=g)
                 ref = x.double() @ deq.double().T
@@ -216,14 +233,19 @@ def _hf_with(hf, model: Gemma):
 def test_quantized_model_equals_hf_with_dequantized_weights(
     case: str, scheme: str, group: int | None
 ) -> None:
-    """Prefill (M > GEMV_MAX_ROWS) is bit-equal to HF; one-token decode (the GEMV) agrees to fp32 rounding."""
+    """fp32 prefill (M > GEMV_MAX_ROWS) is bit-equal to HF; one-token decode (the GEMV) agrees to fp32
+    rounding; bf16 prefill (AMX CPUs) stays within the activation rounding (measured 0.7-1.4%)."""
     hf = make_hf_model(case, std=STD[case])
     q = _q(twin_of(hf), scheme, group)
     assert isinstance(q.embed, QEmbedding) and isinstance(q.blocks[0].w_down, QLinear)
     oracle = _hf_with(hf, q)
     tokens = random_tokens(2, 24)
     with torch.no_grad():
-        assert torch.equal(q(tokens), oracle(tokens).logits)
+        ref = oracle(tokens).logits
+        if kernels.bf16_prefill():
+            assert ((q(tokens) - ref).norm() / ref.norm()).item() < 3e-2
+        with exact_prefill():
+            assert torch.equal(q(tokens), ref)
         one = tokens[:1, :1]
         torch.testing.assert_close(q(one), oracle(one).logits, rtol=0, atol=2e-5)
 
@@ -249,7 +271,7 @@ def test_error_bounds_and_greedy_agreement(case: str) -> None:
 
 
 def test_prefill_and_decode_paths_agree() -> None:
-    """Engine prefill (tiled fp32 GEMM) + cached decode (GEMV) vs one uncached forward (all tiled)."""
+    """Engine prefill (GEMV) + cached decode (GEMV) vs one uncached forward (all tiled fp32 GEMM)."""
     model = _q(twin_of(make_hf_model("gemma3", std=0.3)), "int4", 32)
     tokens = random_tokens(1, 20)
     engine = Engine(model)
@@ -257,7 +279,7 @@ def test_prefill_and_decode_paths_agree() -> None:
     steps = [engine.prefill(tokens[:, :12], None, cache)]
     for t in range(12, 20):
         steps.append(engine.decode_one(tokens[:, t], torch.tensor([t]), cache))
-    with torch.no_grad():
+    with torch.no_grad(), exact_prefill():
         full = model(tokens)[0, 11:]
     torch.testing.assert_close(torch.cat(steps), full, rtol=0, atol=5e-5)
 
@@ -447,6 +469,29 @@ def test_bf16_scheme_model_equals_the_fp32_model(case: str) -> None:
             assert torch.equal(q(tokens), ref) and torch.equal(q(tokens[:1, :3]), hf(tokens[:1, :3]).logits)
         finally:
             kernels.use_native(True)
+
+
+def test_bf16_models_are_rewired_onto_the_native_kernels_without_copies() -> None:
+    """A bf16 model becomes the bf16 scheme sharing its weight storage, computing what
+    `quantize_model(.., "bf16")` computes; float32 models are left alone."""
+    _, model = _bf16_pair("gemma3")
+    reference = quantize_model(copy.deepcopy(model), "bf16")
+    fp32 = copy.deepcopy(model)
+    assert with_bf16_kernels(fp32) is fp32 and isinstance(fp32.blocks[0].wq, torch.nn.Linear)
+    half = model.to(torch.bfloat16)
+    pointers = {n: p.data_ptr() for n, p in half.named_parameters() if not n.endswith("norm.weight")}
+    rewired = with_bf16_kernels(half)
+    if kernels.native() is None:
+        assert isinstance(rewired.blocks[0].wq, torch.nn.Linear)  # no compiler: left as it was
+        return
+    assert isinstance(rewired.blocks[0].wq, QLinear) and isinstance(rewired.embed, QEmbedding)
+    buffers = dict(rewired.named_buffers())
+    assert {n: buffers[n.removesuffix("weight") + "qweight"].data_ptr() for n in pointers} == pointers
+    assert all(p.dtype == torch.float32 for p in rewired.parameters())  # the norms
+    tokens = random_tokens(2, 9)
+    with torch.no_grad():
+        assert torch.equal(rewired(tokens), reference(tokens))
+    assert with_bf16_kernels(rewired) is rewired  # already rewired: unchanged
 
 
 def test_bf16_save_load_round_trip(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from gemmakit.quantize.modules import (
     quantize_model,
     quantize_state_dict,
     swap_modules,
+    with_bf16_kernels,
 )
 from gemmakit.quantize.schemes import DEFAULT_GROUP_SIZE, SCHEMES, QuantError, dequantize_matrix
 
@@ -52,4 +53,5 @@ __all__ = [
     "save_quantized",
     "swap_modules",
     "use_native",
+    "with_bf16_kernels",
 ]

@@ -306,11 +306,58 @@ void bf_rows(const float* x, int64_t K, const uint16_t* w, int64_t N, float* y, 
   }
 }
 
+// Dequantizers, templated on the output: float, or bf16 bits (uint16_t) for the AMX prefill GEMM.
+inline void put(float* o, float v) { *o = v; }
+inline void put(uint16_t* o, float v) {  // round to nearest even; weights are finite
+  uint32_t b;
+  memcpy(&b, &v, 4);
+  *o = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+template <typename Out>
+void q8_dequant(const int8_t* w, const float* scale, int64_t r0, int64_t r1, int64_t K, Out* out,
+                int nthreads) {
+  const int nt = threads_for((r1 - r0) * K, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t n = r0; n < r1; n++) {
+    const int8_t* wr = w + n * K;
+    Out* o = out + (n - r0) * K;
+    const float s = scale[n];
+    for (int64_t k = 0; k < K; k++) put(o + k, (float)wr[k] * s);
+  }
+}
+
+template <typename Out>
+void q4_dequant(const uint8_t* w, const uint32_t* sm, int64_t r0, int64_t r1, int64_t K, int64_t G,
+                Out* out, int nthreads) {
+  const int nt = threads_for((r1 - r0) * K, nthreads);
+  const int64_t NG = K / G, KB = K / 2, KF = K / 128 * 128;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t n = r0; n < r1; n++) {
+    const uint8_t* wr = w + n * KB;
+    const uint32_t* smr = sm + n * NG;
+    Out* o = out + (n - r0) * K;
+    for (int64_t k = 0; k < KF; k += 128) {
+      uint32_t lane[16];
+      memcpy(lane, wr + k / 2, 64);
+      for (int i = 0; i < 8; i++) {
+        const uint32_t v = smr[(k + 16 * i) / G];
+        const float s = hi_f32(v), mn = lo_f32(v);
+        for (int L = 0; L < 16; L++) put(o + k + 16 * i + L, (float)((lane[L] >> (4 * i)) & 15u) * s + mn);
+      }
+    }
+    for (int64_t k = KF; k < K; k++) {
+      const uint32_t v = smr[k / G];
+      put(o + k, (float)nibble(wr, K, k) * hi_f32(v) + lo_f32(v));
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int gk_abi(void) { return 3; }
+int gk_abi(void) { return 4; }
 
 const char* gk_isa(void) {
 #if defined(__AVX512F__)
@@ -377,43 +424,24 @@ void gk_bf16_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, int64
   }
 }
 
-// out[n - r0, k] = dequant(w)[n, k] for rows r0 <= n < r1; bitwise equal to the torch reference
-// (one multiply for int8; a multiply then an add, never fused, for int4).
+// out[n - r0, k] = dequant(w)[n, k] for rows r0 <= n < r1; the fp32 outputs are bitwise equal to
+// the torch reference (one multiply for int8; a multiply then an add, never fused, for int4) and
+// the bf16 ones are those values rounded to nearest-even, as torch's .to(torch.bfloat16) does.
 void gk_q8_dequant(const int8_t* w, const float* scale, int64_t r0, int64_t r1, int64_t K, float* out,
                    int nthreads) {
-  const int nt = threads_for((r1 - r0) * K, nthreads);
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t n = r0; n < r1; n++) {
-    const int8_t* wr = w + n * K;
-    float* o = out + (n - r0) * K;
-    const float s = scale[n];
-    for (int64_t k = 0; k < K; k++) o[k] = (float)wr[k] * s;
-  }
+  q8_dequant(w, scale, r0, r1, K, out, nthreads);
 }
-
+void gk_q8_dequant_bf16(const int8_t* w, const float* scale, int64_t r0, int64_t r1, int64_t K,
+                        uint16_t* out, int nthreads) {
+  q8_dequant(w, scale, r0, r1, K, out, nthreads);
+}
 void gk_q4_dequant(const uint8_t* w, const uint32_t* sm, int64_t r0, int64_t r1, int64_t K, int64_t G,
                    float* out, int nthreads) {
-  const int nt = threads_for((r1 - r0) * K, nthreads);
-  const int64_t NG = K / G, KB = K / 2, KF = K / 128 * 128;
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t n = r0; n < r1; n++) {
-    const uint8_t* wr = w + n * KB;
-    const uint32_t* smr = sm + n * NG;
-    float* o = out + (n - r0) * K;
-    for (int64_t k = 0; k < KF; k += 128) {
-      uint32_t lane[16];
-      memcpy(lane, wr + k / 2, 64);
-      for (int i = 0; i < 8; i++) {
-        const uint32_t v = smr[(k + 16 * i) / G];
-        const float s = hi_f32(v), mn = lo_f32(v);
-        for (int L = 0; L < 16; L++) o[k + 16 * i + L] = (float)((lane[L] >> (4 * i)) & 15u) * s + mn;
-      }
-    }
-    for (int64_t k = KF; k < K; k++) {
-      const uint32_t v = smr[k / G];
-      o[k] = (float)nibble(wr, K, k) * hi_f32(v) + lo_f32(v);
-    }
-  }
+  q4_dequant(w, sm, r0, r1, K, G, out, nthreads);
+}
+void gk_q4_dequant_bf16(const uint8_t* w, const uint32_t* sm, int64_t r0, int64_t r1, int64_t K,
+                        int64_t G, uint16_t* out, int nthreads) {
+  q4_dequant(w, sm, r0, r1, K, G, out, nthreads);
 }
 
 }  // extern "C"

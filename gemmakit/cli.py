@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# The project's own small model, shipped inside the package (built by `gemmakit nano`, see README).
+NANO_DIR = Path(__file__).resolve().parent / "assets" / "nano"
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # fmt: skip
 
@@ -53,10 +55,12 @@ def _load_model_and_tokenizer(args: argparse.Namespace, quantized_ok: bool = Tru
     from gemmakit.tokenizer import Tokenizer
 
     if args.model is None:
-        raise UsageError(
-            "--model: no model given; pass a directory with Gemma weights and tokenizer.model "
-            "(see README.md, 'Getting weights')"
-        )
+        if not (NANO_DIR / "config.json").is_file():
+            raise UsageError(
+                f"--model: no model given and the bundled nano model is missing from {NANO_DIR}; pass a "
+                "directory with Gemma weights and tokenizer.model (see README.md, 'Getting weights')"
+            )
+        args.model = str(NANO_DIR)
     config = get_preset(args.preset) if getattr(args, "preset", None) else None
     load = load_any if quantized_ok else load_model  # load_any also reads `gemmakit quantize` output
     model = load(args.model, dtype=_dtype(args.dtype), device=args.device, attn_impl=args.attn, config=config)
@@ -261,7 +265,11 @@ def _bytes(n: float) -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory or weights file (HF or gemma_pytorch layout)")
+    p.add_argument(
+        "--model",
+        help="checkpoint directory or weights file (HF or gemma_pytorch layout; "
+        "default: the bundled nano model)",
+    )
     p.add_argument("--tokenizer", help="tokenizer.model or its directory (default: beside the weights)")
     p.add_argument("--preset", help="config preset for a checkpoint without config.json (e.g. gemma-2b)")
     p.add_argument("--dtype", help="compute dtype: float32, bfloat16 (default: as stored)")
@@ -349,10 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", type=int, help="context length for the KV-cache estimate (default: min(max, 8192))"
     )
     p.set_defaults(func=cmd_info)
+
+    from gemmakit import cli_train
+
+    cli_train.add_parsers(sub)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from gemmakit import cli_train
     from gemmakit.chat import ChatError
     from gemmakit.checkpoint import CheckpointError
     from gemmakit.config import ConfigError
@@ -362,7 +375,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gemmakit.tokenizer import TokenizerError
 
     return (UsageError, ConfigError, CheckpointError, TokenizerError, ChatError, GenerationError, GGUFError,
-            QuantError)  # fmt: skip
+            QuantError, *cli_train.user_errors())  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

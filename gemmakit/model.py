@@ -188,6 +188,15 @@ class Gemma(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: object | None = None,
                 last_only: bool = False) -> torch.Tensor:  # fmt: skip
         """Logits (B, T, V) in float32-or-model dtype; `last_only` returns (B, 1, V) (saves T x V at prefill)."""
+        x = self.hidden(tokens, positions, cache)
+        return self.head(x[:, -1:] if last_only else x)
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: object | None = None) -> torch.Tensor:  # fmt: skip
+        """The final-normed hidden states (B, T, dim) that `head` turns into logits.
+
+        Split from `forward` so a training loss can run the (dim x 256k) head chunk by chunk.
+        """
         cfg = self.config
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected a (batch, time) LongTensor, got shape {tuple(tokens.shape)}")
@@ -205,9 +214,11 @@ class Gemma(nn.Module):
             ropes[kind] = rope_cos_sin(positions, inv_freq, x.dtype)
         for block in self.blocks:
             x = block(x, ropes[block.local], positions, cache, self.attn_impl)
-        if last_only:
-            x = x[:, -1:]
-        x = self.final_norm(x)
+        return self.final_norm(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., dim) -> logits (..., V), soft-capped where the config says so."""
+        cfg = self.config
         logits = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)  # both are F.linear(x, W)
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap

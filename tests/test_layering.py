@@ -27,6 +27,7 @@ RANK = {
     "safety": 7,
     "server": 9,
     "cli": 9,
+    "cli_train": 8,
     "__init__": 10,
 }
 CORE_FORBIDDEN = {"transformers", "fastapi", "ray", "jinja2", "uvicorn", "gguf"}

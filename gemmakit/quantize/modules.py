@@ -73,6 +73,8 @@ class QMatrix(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in x's dtype, through `kernels.matmul`."""
+        if x.requires_grad and torch.is_grad_enabled():  # backprop through a frozen matrix (QLoRA)
+            return _FrozenMatmul.apply(x, self)
         lead, packed = x.shape[:-1], self.packed
         # The kernels' tensor checks cost ~6 us a call, 126 calls a token on Gemma 3 270M: run them
         # once per set of buffers (a load, `.to()` or assignment replaces the tensors, so their
@@ -91,6 +93,34 @@ class QMatrix(nn.Module):
         return (
             f"out_features={self.out_features}, in_features={self.in_features}, scheme={self.scheme}{group}"
         )
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """`QMatrix.matmul` with a gradient for x only: dx = dy @ W, W dequantized tile by tile.
+
+    The kernels are ctypes calls writing into reused scratch tiles, invisible to autograd, so without
+    this no gradient would reach anything upstream of a quantized matrix (LoRA adapters under a
+    quantized base, or anything before the tied output projection). Tiles bound the temporary to
+    `kernels.TILE_BYTES` (16 MiB) instead of a whole fp32 matrix (2 GB for Gemma 1's embedding).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QMatrix) -> torch.Tensor:  # autograd runs this without grad
+        ctx.module, ctx.dtype = module, x.dtype
+        return module.matmul(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        m = ctx.module
+        (n, k), dy = m.shape, dy.float()
+        rows = max(1, min(n, kernels.TILE_BYTES // (4 * k)))
+        dx = None
+        for r0 in range(0, n, rows):
+            w = dequantize_matrix({name: t[r0 : r0 + rows] for name, t in m.packed.items()}, m.scheme,
+                                  m.group_size)  # fmt: skip
+            part = dy[..., r0 : r0 + rows] @ w  # (..., k)
+            dx = part if dx is None else dx + part
+        return dx.to(ctx.dtype), None
 
 
 class QLinear(QMatrix):

@@ -1,0 +1,130 @@
+"""The training side of the command line: `gemmakit train` and `gemmakit shards`.
+
+Where it sits: a thin entry point like `cli` (which registers these subcommands); it parses
+arguments, prints progress, and leaves all work to `gemmakit.train` and `gemmakit.data`. Under
+`torchrun --nproc-per-node N -m gemmakit.cli train ...` every rank runs it; only rank 0 prints.
+
+Key trade-off: progress is one printed line per logged step (step, loss, lr, tokens/s, ETA)
+rather than a redrawn bar, so logs of a multi-hour run on a cluster stay readable in a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+
+def _progress(total: int) -> Any:
+    start = time.perf_counter()
+
+    def show(record: dict) -> None:
+        step, elapsed = record["step"], time.perf_counter() - start
+        eta = elapsed / max(step, 1) * (total - step)
+        val = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
+        print(f"step {step:>6}/{total}  loss {record['loss']:.4f}{val}  lr {record['lr']:.2e}  "
+              f"|g| {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  eta {eta / 60:.1f} min",
+              flush=True)  # fmt: skip
+
+    return show
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gemmakit.train import distributed as dist
+    from gemmakit.train import load_recipe, run
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        result = run(recipe, args.out, resume=args.resume, on_log=_progress(recipe.loop.steps))
+    finally:
+        dist.teardown()
+    if dist.rank() == 0:
+        print(f"done: {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else "done")
+        if result.last_checkpoint:
+            print(f"model: {args.out}/final  (gemmakit chat --model {args.out}/final)")
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from gemmakit.data.shards import Shards, tokenize_to_shards
+    from gemmakit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    out = tokenize_to_shards(args.inputs, tokenizer, args.out, text_field=args.text_field,
+                             overwrite=args.overwrite)  # fmt: skip
+    shards = Shards.open(out)
+    print(f"{out}: {shards.n_docs} documents, {shards.n_tokens:,} tokens ({shards.dtype})")
+    return 0
+
+
+def cmd_nano(args: argparse.Namespace) -> int:
+    from gemmakit.train.nano import build
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    shows: dict[str, Any] = {}
+
+    def on_log(stage: str, record: dict) -> None:
+        if stage not in shows:
+            print(f"== {stage}", flush=True)
+            shows[stage] = _progress(record.get("total_steps", 0))
+        shows[stage](record)
+
+    report = build(args.out, smoke=args.smoke, on_log=on_log)
+    before, after = report["eval_before_sft"], report["eval_after_sft"]
+    print(f"nano: {report['parameters']:,} parameters, {report['wall_time_s'] / 60:.1f} min; "
+          f"arithmetic {before['arithmetic_accuracy']:.0%} -> {after['arithmetic_accuracy']:.0%}; "
+          f"<end_of_turn> rate {after['end_of_turn_rate']:.0%}; model: {args.out}/model")  # fmt: skip
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("train", help="pretrain, SFT or LoRA from a TOML recipe",
+                       description="Train from a TOML recipe (see recipes/). Under torchrun, every rank "
+                                   "runs this command; set parallel.mode to ddp or fsdp.")  # fmt: skip
+    p.add_argument("--recipe", required=True, help="recipe TOML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set optim.lr=1e-3 (repeatable)")  # fmt: skip
+    p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("shards", help="tokenize text / JSONL files into training shards",
+                       description="Tokenize .txt files (one document each) and JSONL files (one document "
+                                   "per line) into memory-mapped token shards for pretraining.")  # fmt: skip
+    p.add_argument("inputs", nargs="+", help="input files")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model or its directory")
+    p.add_argument("--out", required=True, help="output shard directory (written atomically)")
+    p.add_argument("--text-field", default="text", help="JSONL key holding the text (default: text)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_shards)
+    _add_nano(sub)
+
+
+def _add_nano(sub: Any) -> None:
+    p = sub.add_parser("nano", help="build the nano Gemma from the repository's data (about 1 hour)",
+                       description="Train the nano Gemma end to end: tokenizer, pretraining on Shakespeare, "
+                                   "SFT on generated chat data, evaluation; writes OUT/model.")  # fmt: skip
+    p.add_argument("--out", required=True, help="build directory")
+    p.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_nano)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions of the training side that are the user's to fix (printed as one line, exit 2)."""
+    from gemmakit.data.loader import LoaderError
+    from gemmakit.data.shards import ShardError
+    from gemmakit.train import RecipeError, TrainError
+    from gemmakit.train.checkpoints import CheckpointError
+    from gemmakit.train.nano import NanoError
+    from gemmakit.train.sft import SFTDataError
+
+    return (RecipeError, TrainError, CheckpointError, SFTDataError, ShardError, LoaderError, NanoError)

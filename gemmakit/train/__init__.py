@@ -1,0 +1,34 @@
+"""Training: one loop for pretraining, SFT and LoRA, single process or torch.distributed (DDP / FSDP2).
+
+Where it sits: after `data` (token shards, the packing loader), before `eval` and `cli`. The modules,
+bottom to top:
+
+- `recipe`: TOML recipes onto frozen dataclasses, strictly (unknown keys are errors).
+- `objectives`: chunked next-token cross-entropy (masked for SFT) as a loss module.
+- `optim`: AdamW parameter groups (no decay on norms and embeddings) and the LR schedules.
+- `distributed`: process group from torchrun's environment, DDP / FSDP2 wrapping, collectives.
+- `checkpoints`: atomic, checksummed step directories; discovery skips corrupt ones; retention.
+- `loop`: `fit`, THE loop: accumulation, clipping, non-finite halting, metrics, eval, checkpoints.
+- `pretrain` / `sft`: the batch sources of each method.
+- `run`: a whole run from a recipe (model, tokenizer, data, LoRA, wrapping, final export).
+
+Key trade-off: methods differ only in batches and loss mask, so every fix to the loop reaches them all;
+a method that needs a different objective (reward models, DPO) adds a loss module, not a loop.
+"""
+
+from gemmakit.train.loop import Hooks, NonFiniteError, Result, TrainError, fit
+from gemmakit.train.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from gemmakit.train.run import run
+
+__all__ = [
+    "Hooks",
+    "NonFiniteError",
+    "Recipe",
+    "RecipeError",
+    "Result",
+    "TrainError",
+    "fit",
+    "load_recipe",
+    "recipe_from_dict",
+    "run",
+]

@@ -1,0 +1,366 @@
+"""THE training loop: every method (pretraining, SFT, LoRA, ...) runs through `fit`.
+
+Where it sits: `train.run` builds a loss module (`objectives.NextTokenLoss` around the model, maybe
+wrapped by DDP / FSDP2) and batch sources, then calls `fit`. Methods differ only in the batches
+they give and the objective; accumulation, clipping, the schedule, non-finite halting, metrics,
+evaluation and checkpoints live here once (litgpt#1073 / torchtune#2307: per-recipe loops drift).
+
+One optimizer step: draw `grad_accum` micro-batches, count their target tokens over all ranks,
+backpropagate each micro-batch's loss SUM divided by that global count (times the world size,
+because DDP / FSDP average gradients over ranks), so the gradient is that of the global per-token
+mean whatever the split. Then the global gradient norm is computed and clipped; a non-finite loss
+or norm halts BEFORE `optimizer.step()` (torchtitan#916: skipping hides bugs), naming the step and
+the last good checkpoint, and nothing is saved after it.
+
+Key trade-off: exact resume over speed: the RNG states of every rank, the loader positions and the
+optimizer state are checkpointed, and the learning rate is a pure function of the step, so a run
+killed at step N and resumed reproduces the uninterrupted run's losses bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from gemmakit.train import checkpoints as ckpt
+from gemmakit.train import distributed as dist
+from gemmakit.train.objectives import count_targets
+from gemmakit.train.optim import lr_at, make_optimizer
+from gemmakit.train.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message names the step and what to do."""
+
+
+class NonFiniteError(TrainError):
+    """A non-finite loss or gradient norm: the loop stopped before the optimizer step."""
+
+
+class Batches(Protocol):
+    """A resumable source of micro-batches: dicts of CPU tensors ("tokens" (B, T+1), maybe "loss_mask")."""
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Hooks:
+    """What a run adds around the loop; every field optional."""
+
+    # Held-out batches for evaluation (called anew each time, so it yields the same batches).
+    val_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
+    # Writes the model (full state dict on CPU, internal names) in a readable format into a directory.
+    export: Callable[[dict[str, torch.Tensor], Path], None] | None = None
+    # Called on rank 0 with each metrics record (the CLI prints a progress line from it).
+    on_log: Callable[[dict], None] | None = None
+    # Called before every micro-batch forward with (step, micro index); tests inject faults here.
+    on_micro: Callable[[int, int], None] | None = None
+    # Identifies the run; a checkpoint whose fingerprint differs is refused on resume.
+    fingerprint: dict | None = None
+
+
+@dataclass
+class Result:
+    steps: int  # optimizer steps completed in total
+    losses: list[float]  # the loss of every step this call ran
+    last_checkpoint: Path | None
+    final_val_loss: float | None
+
+
+# ---- state that makes resume exact --------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+             int(np_state[2]), int(np_state[3]), float(np_state[4])], "torch": torch.get_rng_state()}  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync / FSDP2 requires_grad sync)."""
+    if hasattr(module, "no_sync") and not last:
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def _step(module: nn.Module, opt: torch.optim.Optimizer, micro: list[dict], recipe: Recipe, step: int,
+          device: torch.device, hooks: Hooks) -> tuple[float, float, int]:  # fmt: skip
+    """One optimizer step (or a NonFiniteError before it); returns (loss, grad norm, target tokens)."""
+    n = int(dist.all_reduce_sum(torch.tensor(float(sum(count_targets(b) for b in micro)))).item())
+    if n == 0:
+        raise TrainError(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
+    scale = dist.world_size() / n
+    total = torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(micro):
+        if hooks.on_micro:
+            hooks.on_micro(step, i)
+        tokens = batch["tokens"].to(device)
+        mask = batch["loss_mask"].to(device) if "loss_mask" in batch else None
+        with _no_sync(module, i == len(micro) - 1), _autocast(device, recipe.loop.dtype):
+            loss_sum = module(tokens, mask)
+        (loss_sum * scale).backward()
+        total += loss_sum.detach().double().cpu()
+    loss = dist.all_reduce_sum(total).item() / n
+    params = [p for p in module.parameters() if p.grad is not None]
+    clip = recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"step {step}: loss {loss} / gradient norm {norm}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, norm, n
+
+
+def evaluate(module: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+             dtype: str = "float32") -> float:  # fmt: skip
+    """Mean per-token loss over `batches` (summed over ranks)."""
+    was_training = module.training
+    module.eval()
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches:
+            mask = batch["loss_mask"].to(device) if "loss_mask" in batch else None
+            with _autocast(device, dtype):
+                total += module(batch["tokens"].to(device), mask).double().cpu()
+            n += count_targets(batch)
+    module.train(was_training)
+    n = int(dist.all_reduce_sum(torch.tensor(float(n))).item())
+    return dist.all_reduce_sum(total).item() / max(n, 1)
+
+
+def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
+        hooks: Hooks | None = None, device: torch.device | str = "cpu") -> Result:  # fmt: skip
+    """Train `module` (a loss module: forward(tokens, loss_mask) -> loss sum) for recipe.loop.steps steps."""
+    hooks, run_dir, device = hooks or Hooks(), Path(run_dir), torch.device(device)
+    cfg = recipe.loop
+    opt = make_optimizer(module, recipe.optim)
+    metrics = Metrics(run_dir / "metrics.jsonl", enabled=dist.rank() == 0)
+    start, last_ckpt = 0, None
+    found = ckpt.latest(run_dir) if resume else None
+    if found is not None:
+        start, last_ckpt = _restore(found, module, opt, train, hooks)
+        log.info("resumed from %s (step %d)", found.path, start)
+    else:  # per-rank streams (dropout); the model was initialised identically on every rank before
+        seed_everything(cfg.seed + dist.rank())
+    metrics.truncate_after(start)
+    module.train()
+    losses, tokens_per_step = [], None
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.steps, recipe.optim)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micro = [train.next_batch() for _ in range(cfg.grad_accum)]
+        tokens_per_step = sum(b["tokens"][:, :-1].numel() for b in micro) * dist.world_size()
+        try:
+            loss, norm, n = _step(module, opt, micro, recipe, step, device, hooks)
+        except NonFiniteError as e:
+            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise NonFiniteError(f"{e} is not finite; halted before the optimizer step ({where})") from None
+        losses.append(loss)
+        dt = time.perf_counter() - t0
+        record = {"step": step + 1, "total_steps": cfg.steps, "loss": loss, "lr": lr, "grad_norm": norm, "target_tokens": n,
+                  "tokens_per_s": tokens_per_step / dt, "step_s": dt}  # fmt: skip
+        if cfg.peak_flops > 0:
+            record["mfu"] = (
+                6 * _n_params(module) * tokens_per_step / dt / (cfg.peak_flops * dist.world_size())
+            )
+        done = step + 1
+        if hooks.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            record["val_loss"] = evaluate(module, hooks.val_batches(), device, cfg.dtype)
+        if done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in record or step == start:
+            metrics.write(record)
+            if hooks.on_log and dist.rank() == 0:
+                hooks.on_log(record)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            last_ckpt = save(run_dir, done, module, opt, train, recipe, hooks)
+    metrics.close()
+    if dist.rank() == 0:
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    final_val = metrics.last_val
+    return Result(steps=cfg.steps, losses=losses, last_checkpoint=last_ckpt, final_val_loss=final_val)
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---- saving and restoring ------------------------------------------------------------------------------
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def save(run_dir: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer, train: Batches,
+         recipe: Recipe, hooks: Hooks) -> Path:  # fmt: skip
+    """Write and commit the checkpoint of `step` (all ranks call this); returns its directory."""
+    trainable = get_model_state_dict(module, options=_TRAINABLE)
+    optim_state = get_optimizer_state_dict(module, opt, options=_FULL)
+    full = get_model_state_dict(module, options=_FULL) if hooks.export else None
+    tmp = dist.broadcast_object(str(ckpt.begin(run_dir, step)) if dist.rank() == 0 else None)
+    tmp = Path(tmp)
+    try:
+        r = dist.rank()
+        ckpt.write_torch(tmp / f"rank-{r}.pt", {"rng": rng_state(), "step": step})
+        ckpt.write_json(tmp / f"rank-{r}.json", {"step": step, "loader": train.state_dict()})
+        if r == 0:
+            ckpt.write_tensors(tmp / "trainable.safetensors", {k: v.float() for k, v in trainable.items()})
+            ckpt.write_torch(tmp / "optimizer.pt", optim_state)
+            if hooks.export and full is not None:
+                hooks.export(full, tmp)
+        dist.barrier()
+        final = ckpt.commit(tmp, step, hooks.fingerprint or {}, recipe.loop.keep_last) if r == 0 else None
+    except OSError as e:
+        if dist.rank() == 0:
+            ckpt.abort(tmp)
+        raise ckpt.CheckpointError(f"{run_dir}: saving step {step} failed ({e}); the previous checkpoint "
+                                   "is intact") from None  # fmt: skip
+    dist.barrier()
+    return Path(dist.broadcast_object(str(final) if final else None))
+
+
+def _restore(found: ckpt.Found, module: nn.Module, opt: torch.optim.Optimizer, train: Batches,
+             hooks: Hooks) -> tuple[int, Path]:  # fmt: skip
+    saved = found.manifest.get("fingerprint", {})
+    diff = ckpt.fingerprint_diff(saved, hooks.fingerprint or {})
+    if diff:
+        raise TrainError(f"{found.path}: this checkpoint belongs to a different run: {'; '.join(diff)}")
+    rank_file = found.path / f"rank-{dist.rank()}.json"
+    if not rank_file.is_file():
+        raise TrainError(f"{found.path}: no state for rank {dist.rank()} (saved with another world size)")
+    trainable = ckpt.read_tensors(found.path / "trainable.safetensors")
+    set_model_state_dict(module, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+    want = set(get_model_state_dict(module, options=_TRAINABLE))
+    if set(trainable) != want:
+        raise TrainError(f"{found.path}: trainable parameters differ from the model's: "
+                         f"{sorted(set(trainable) ^ want)[:5]}")  # fmt: skip
+    set_optimizer_state_dict(module, opt, ckpt.read_torch(found.path / "optimizer.pt"), options=_FULL)
+    state = json.loads(rank_file.read_text(encoding="utf-8"))
+    train.load_state_dict(state["loader"])
+    set_rng_state(ckpt.read_torch(found.path / f"rank-{dist.rank()}.pt")["rng"])
+    return found.step, found.path
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """metrics.jsonl: one JSON object per logged step, flushed as written (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled, self.last_val = path, enabled, None
+        self._f = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (left by a killed run that is now resumed from `step`)."""
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        kept = [ln for ln in lines if ln.strip() and _record_step(ln) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write(self, record: dict) -> None:
+        if "val_loss" in record:
+            self.last_val = record["val_loss"]
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line from a kill: dropped
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """loss.png: train (and val) loss against step, if matplotlib is installed (the `train` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no loss curve written (pip install 'gemmakit[train]')")
+        return None
+    records = [json.loads(ln) for ln in metrics_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
+    val = [r for r in records if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

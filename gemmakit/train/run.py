@@ -1,0 +1,226 @@
+"""A whole training run from a recipe: model, tokenizer, data, LoRA, parallelism, then `loop.fit`.
+
+Where it sits: `gemmakit train --recipe X.toml` calls `run`; it is the one place that turns a
+`Recipe` into objects. The run directory receives `recipe.json`, `metrics.jsonl`, `loss.png`,
+`checkpoints/step-N/` and, at the end, `final/`: the model as HF safetensors (LoRA: the merged model
+plus `adapter/` in PEFT's format) with the tokenizer and `train.json` (recipe, steps, final losses,
+data hashes), a directory that `gemmakit chat --model` and transformers both open.
+
+Key trade-off: the model is built and initialised identically on every rank from the recipe's seed
+before wrapping, so no weights are broadcast at start; the price is that every rank reads the
+init_from checkpoint itself (memory-mapped, so cheap on one machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gemmakit.checkpoint import load_model, save_hf
+from gemmakit.config import ModelConfig, get_preset, layer_pattern
+from gemmakit.model import Gemma
+from gemmakit.tokenizer import Tokenizer
+from gemmakit.train import distributed as dist
+from gemmakit.train.checkpoints import fsync_path, sha256_file, write_json
+from gemmakit.train.loop import Hooks, Result, fit
+from gemmakit.train.objectives import NextTokenLoss
+from gemmakit.train.recipe import Recipe, RecipeError, recipe_to_dict
+
+log = logging.getLogger(__name__)
+
+
+def model_config(recipe: Recipe, vocab_size: int | None = None) -> ModelConfig:
+    """The preset with the recipe's overrides (and `local_every` pattern) applied."""
+    base = get_preset(recipe.model.preset)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(recipe.model.overrides) - fields)
+    if unknown:
+        raise RecipeError(f"model.overrides: unknown ModelConfig field(s) {unknown}; valid: {sorted(fields)}")
+    values = dict(recipe.model.overrides)
+    if "layer_types" in values:
+        values["layer_types"] = tuple(values["layer_types"])
+    n_layers = values.get("n_layers", base.n_layers)
+    every = recipe.model.local_every
+    if every or ("layer_types" not in values and n_layers != base.n_layers):
+        if every == 0:
+            every = next((i + 1 for i, t in enumerate(base.layer_types) if t == "global"), 1)
+        values["layer_types"] = layer_pattern(n_layers, every)
+    if vocab_size is not None and "vocab_size" not in values:
+        values["vocab_size"] = vocab_size
+    try:
+        return dataclasses.replace(base, **values)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"model.overrides: {e}") from None
+
+
+def resolve_tokenizer(recipe: Recipe) -> Tokenizer:
+    for candidate in (recipe.data.tokenizer, recipe.model.init_from):
+        if candidate:
+            return Tokenizer.load(candidate)
+    raise RecipeError("data.tokenizer: no tokenizer given (set data.tokenizer, or model.init_from to a "
+                      "directory that holds tokenizer.model)")  # fmt: skip
+
+
+def build_model(recipe: Recipe, tokenizer: Tokenizer) -> Gemma:
+    """A float32 Gemma: loaded from model.init_from, or the preset/overrides initialised from the seed."""
+    if recipe.model.init_from:
+        model = load_model(recipe.model.init_from, dtype=torch.float32)
+    else:
+        cfg = model_config(recipe, vocab_size=None)
+        with torch.device("meta"):
+            model = Gemma(cfg)
+        model = model.to_empty(device="cpu").init_weights(recipe.model.init_std, seed=recipe.loop.seed)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise RecipeError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                          f"{model.config.vocab_size} embedding rows (set model.overrides.vocab_size)")  # fmt: skip
+    return model.set_attn_impl("sdpa")
+
+
+def _lora(recipe: Recipe, model: Gemma) -> Gemma:
+    from gemmakit.lora import LoraConfig, apply_lora
+
+    if recipe.parallel.mode == "fsdp":
+        raise RecipeError("lora.enabled: LoRA runs use parallel.mode none or ddp (adapters are small)")
+    if recipe.lora.quantize != "none":
+        from gemmakit.quantize import quantize_model
+
+        model = quantize_model(model, recipe.lora.quantize)
+    cfg = LoraConfig(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                     targets=recipe.lora.targets)  # fmt: skip
+    return apply_lora(model, cfg, seed=recipe.loop.seed)
+
+
+def _fingerprint(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> dict:
+    """What must match for a checkpoint to be resumed (reliability T11): flattened for readable diffs."""
+    fp = {f"model.{k}": (list(v) if isinstance(v, tuple) else v)
+          for k, v in dataclasses.asdict(model.config).items()}  # fmt: skip
+    fp.update({"method": recipe.method, "tokenizer_sha256": tokenizer.sha256, "world_size": dist.world_size(),
+               "data.seq_len": recipe.data.seq_len, "data.batch_size": recipe.data.batch_size,
+               "loop.grad_accum": recipe.loop.grad_accum, "loop.seed": recipe.loop.seed,
+               "lora": json.dumps(dataclasses.asdict(recipe.lora), sort_keys=True)})  # fmt: skip
+    return fp
+
+
+def _batches(recipe: Recipe, tokenizer: Tokenizer) -> tuple[object, Callable | None]:
+    d, r, w = recipe.data, dist.rank(), dist.world_size()
+    if not d.path:
+        raise RecipeError("data.path: no training data given")
+    if recipe.method == "pretrain":
+        from gemmakit.train.pretrain import ShardBatches, eval_batches
+
+        train = ShardBatches(d.path, d.seq_len, d.batch_size, seed=recipe.loop.seed, rank=r, world_size=w,
+                             tokenizer=tokenizer)  # fmt: skip
+        val = None
+        if d.val_path:
+            n = recipe.loop.eval_batches
+            val = lambda: eval_batches(d.val_path, d.seq_len, d.batch_size, n, rank=r, world_size=w)  # noqa: E731
+        return train, val
+    from gemmakit.train.sft import ChatBatches, encode_conversations, read_chat_jsonl, split_holdout
+
+    examples = encode_conversations(read_chat_jsonl(d.path), tokenizer, d.path)
+    held: list = []
+    if d.val_path:
+        held = encode_conversations(read_chat_jsonl(d.val_path), tokenizer, d.val_path)
+    elif d.val_fraction:
+        examples, held = split_holdout(examples, d.val_fraction, recipe.loop.seed)
+    train = ChatBatches(examples, d.seq_len, d.batch_size, pad_id=tokenizer.pad_id, seed=recipe.loop.seed,
+                        rank=r, world_size=w)  # fmt: skip
+    if train.stats["truncated"]:
+        log.warning("%d of %d conversations are longer than seq_len + 1 = %d tokens and are cut",
+                    train.stats["truncated"], len(examples), d.seq_len + 1)  # fmt: skip
+    val = None
+    if held:
+        ev = ChatBatches(held, d.seq_len, min(d.batch_size, len(held)), pad_id=tokenizer.pad_id, rank=r,
+                         world_size=1)  # fmt: skip
+        val = ev.epoch_batches
+    return train, val
+
+
+def _exporter(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> Callable[[dict, Path], None]:
+    cfg = model.config
+
+    def export(full: dict[str, torch.Tensor], out: Path) -> None:
+        if recipe.lora.enabled:
+            from gemmakit.lora import LoraConfig, save_adapter
+
+            lcfg = LoraConfig(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                              targets=recipe.lora.targets)  # fmt: skip
+            save_adapter(model, out / "adapter", lcfg)  # the live model: LoRA runs are never FSDP-sharded
+            return
+        sd = {k.removeprefix("model."): v for k, v in full.items()}
+        with torch.device("meta"):
+            plain = Gemma(cfg)
+        plain.load_state_dict(sd, assign=True, strict=True)
+        save_hf(plain, out / "hf")
+        shutil.copyfile(tokenizer.source, out / "hf" / "tokenizer.model")
+
+    return export
+
+
+def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
+        on_log: Callable[[dict], None] | None = None, on_micro: Callable[[int, int], None] | None = None) -> Result:  # fmt: skip
+    """Train as the recipe says, writing into `run_dir`; `resume` continues from its newest good checkpoint."""
+    run_dir = Path(run_dir)
+    want = recipe.loop.device
+    device = dist.setup(recipe.parallel.mode, "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")  # fmt: skip
+    tokenizer = resolve_tokenizer(recipe)
+    model = build_model(recipe, tokenizer)
+    if recipe.lora.enabled:
+        model = _lora(recipe, model)
+    fingerprint = _fingerprint(recipe, model, tokenizer)
+    train, val = _batches(recipe, tokenizer)
+    module = dist.wrap(NextTokenLoss(model.to(device), recipe.loop.loss_chunk), recipe.parallel.mode, device)
+    if dist.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "recipe.json", recipe_to_dict(recipe))
+    hooks = Hooks(val_batches=val, export=_exporter(recipe, model, tokenizer), on_log=on_log, on_micro=on_micro,
+                  fingerprint=fingerprint)  # fmt: skip
+    result = fit(module, train, recipe, run_dir, resume=resume, hooks=hooks, device=device)
+    if dist.rank() == 0 and result.last_checkpoint is not None:
+        finalize(recipe, run_dir, result, tokenizer)
+    dist.barrier()
+    return result
+
+
+def finalize(recipe: Recipe, run_dir: Path, result: Result, tokenizer: Tokenizer) -> Path:
+    """run_dir/final: the last checkpoint's export, the tokenizer and train.json, replaced atomically."""
+    src = result.last_checkpoint
+    final = run_dir / "final"
+    tmp = run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src / ("adapter" if recipe.lora.enabled else "hf"), tmp)
+    if not (tmp / "tokenizer.model").exists():
+        shutil.copyfile(tokenizer.source, tmp / "tokenizer.model")
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    data = [p for p in (recipe.data.path, recipe.data.val_path) if p]
+    write_json(tmp / "train.json", {
+        "recipe": recipe_to_dict(recipe),
+        "steps": result.steps,
+        "final_train_loss": records[-1]["loss"] if records else None,
+        "final_val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
+        "data": {p: _data_hash(Path(p)) for p in data},
+        "tokenizer_sha256": tokenizer.sha256,
+        "checkpoint": src.name,
+    })  # fmt: skip
+    fsync_path(tmp)
+    old = run_dir / ".final.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_path(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _data_hash(path: Path) -> str:
+    """sha256 of a data file, or of a shard directory's index.json (which lists its shards' hashes)."""
+    if path.is_dir():
+        path = path / "index.json"
+    return sha256_file(path) if path.is_file() else "missing"

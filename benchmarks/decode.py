@@ -31,6 +31,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -372,13 +373,22 @@ def weight_bytes(shape: str, bits: float) -> float:
     return param_count(get_preset(shape)) * bits / 8
 
 
-def derive(r: dict, shape: str, bits: float, bandwidth: float, args: argparse.Namespace) -> None:
-    """Decode as a fraction of the bandwidth ceiling; peak RSS over (weights + KV cache)."""
-    r["bw_fraction"] = r["decode_tok_s"] * weight_bytes(shape, bits) / (bandwidth * 1e9)
-    r["rss_ratio"] = r["peak_rss_bytes"] / (weight_bytes(shape, bits) + kv_bytes(shape, args))
+def derive(
+    r: dict, shape: str, bits: float, bandwidth: float, args: argparse.Namespace, batch: int = 1
+) -> None:
+    """Decode steps as a fraction of the bandwidth ceiling (a step reads the weights once for the
+    whole batch); peak RSS over (weights + KV cache of `batch` sequences)."""
+    r["bw_fraction"] = r["decode_tok_s"] / batch * weight_bytes(shape, bits) / (bandwidth * 1e9)
+    need = weight_bytes(shape, bits) + batch * kv_bytes(shape, args)
+    r["rss_ratio"] = r["peak_rss_bytes"] / need
     if r.get("runtime_rss_bytes"):
-        net = r["peak_rss_bytes"] - r["runtime_rss_bytes"]
-        r["rss_ratio_net"] = net / (weight_bytes(shape, bits) + kv_bytes(shape, args))
+        r["rss_ratio_net"] = (r["peak_rss_bytes"] - r["runtime_rss_bytes"]) / need
+
+
+def _batch_of(name: str) -> int:
+    """The batch size in a row name like "gemmakit int8 (batch 4)"; 1 otherwise."""
+    m = re.search(r"\(batch (\d+)\)", name)
+    return int(m.group(1)) if m else 1
 
 
 def report_only(path: Path, args: argparse.Namespace) -> int:
@@ -388,7 +398,14 @@ def report_only(path: Path, args: argparse.Namespace) -> int:
     for shape, rows in results["shapes"].items():
         for name, r in rows.items():
             if r is not None:
-                derive(r, shape, SYSTEMS[name.split(" (")[0]][2], results["bandwidth_gb_s"], saved)
+                derive(
+                    r,
+                    shape,
+                    SYSTEMS[name.split(" (")[0]][2],
+                    results["bandwidth_gb_s"],
+                    saved,
+                    _batch_of(name),
+                )
     path.write_text(json.dumps(results, indent=2))
     Path(args.markdown).write_text(report(results, results["bandwidth_gb_s"], saved) + "\n")
     return 0
@@ -432,7 +449,10 @@ def report(results: dict, bandwidth: float, args: argparse.Namespace) -> str:
                 lines.append(f"| {name} | failed | | | | | |")
                 continue
             ratios = []
-            for anchor, target in ANCHORS.get(name.split(" (")[0], []):
+            anchors = (
+                [] if "(batch" in name else ANCHORS.get(name.split(" (")[0], [])
+            )  # anchors ran at batch 1
+            for anchor, target in anchors:
                 a = rows.get(anchor)
                 if a:
                     d, p = r["decode_tok_s"] / a["decode_tok_s"], r["prefill_tok_s"] / a["prefill_tok_s"]
@@ -494,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"  RSS {r['peak_rss_bytes'] / 1e9:5.2f} GB", flush=True)  # fmt: skip
             rows[system] = r
             if engine == "gemmakit" and args.batch > 1:
-                rows[f"{system} (batch {args.batch})"] = spawn(system, files, args, batch=args.batch)
+                rb = spawn(system, files, args, batch=args.batch)
+                if rb is not None:
+                    derive(rb, shape, bits, bandwidth, args, args.batch)
+                rows[f"{system} (batch {args.batch})"] = rb
         results["shapes"][shape] = rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

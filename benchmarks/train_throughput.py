@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -54,6 +55,14 @@ def hf_twin(cfg, ours):
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     hf.load_state_dict({internal_name_to_hf(k, cfg): v for k, v in ours.state_dict().items()}, strict=False)
     return hf
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -127,7 +136,7 @@ def main() -> int:
     ratio = tps["gemmakit"] / tps["transformers"]
     print(f"gemmakit / transformers: {ratio:.2f}x")
     out = {"args": vars(args), "tokens_per_s": tps, "ratio": ratio, "params": n_params, "losses": losses,
-           "machine": {"cpu": platform.processor(), "torch": torch.__version__,
+           "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                        "capability": torch.backends.cpu.get_cpu_capability()}}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

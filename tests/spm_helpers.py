@@ -1,7 +1,7 @@
 """Test helper: train a tiny SentencePiece BPE model with Gemma's special-token layout, offline.
 
 The official tokenizer files (4+ MiB, reference §4.1) cannot be downloaded in tests, so this trains
-one in about a second with the same trainer settings (BPE, byte_fallback, split_digits, no dummy
+one in about a second with the library's `gemmakit.data.spm.train_spm` and the official trainer settings (BPE, byte_fallback, split_digits, no dummy
 prefix, whitespace-only pieces, identity normalization) and the same special ids: <pad> 0, <eos> 1,
 <bos> 2, <unk> 3, then in order <mask>, <2mass>, [@BOS@], <unused0..98>, <start_of_turn> 106,
 <end_of_turn> 107 (layout "gemma1/2") or <mask>, [multimodal], <unused0..98>, <start_of_turn> 105,
@@ -18,18 +18,12 @@ merges, so a model paired with it needs vocab_size >= 640 (conftest's VOCAB = 32
 from __future__ import annotations
 
 import functools
-import io
 import random
 from pathlib import Path
 
-import sentencepiece
+from gemmakit.data.spm import train_spm
 
-# generation or layout name -> (layout slug, reserved pieces between <unk> 3 and <start_of_turn>)
-_UNUSED = [f"<unused{i}>" for i in range(99)]
-_LAYOUTS = {
-    "gemma1/2": ("gemma1_2", ["<mask>", "<2mass>", "[@BOS@]", *_UNUSED]),
-    "gemma3": ("gemma3", ["<mask>", "[multimodal]", *_UNUSED]),
-}
+_SLUGS = {"gemma1/2": "gemma1_2", "gemma3": "gemma3"}  # layout -> directory name
 _ALIASES = {"gemma1": "gemma1/2", "gemma2": "gemma1/2", "gemma1/2": "gemma1/2", "gemma3": "gemma3"}
 
 _WORDS_TEXT = (
@@ -61,38 +55,7 @@ def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
 @functools.lru_cache(maxsize=8)
 def gemma_spm_bytes(layout: str, vocab_size: int = 640) -> bytes:
     """Serialized ModelProto of a tiny Gemma-layout BPE model (cached for the session)."""
-    _, reserved = _LAYOUTS[_ALIASES[layout]]
-    user_defined = [*reserved, "<start_of_turn>", "<end_of_turn>", *("\n" * k for k in range(1, 9))]
-    out = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_writer=out,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        split_by_whitespace=True,
-        split_by_unicode_script=True,
-        split_by_number=True,
-        treat_whitespace_as_suffix=False,
-        allow_whitespace_only_pieces=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=user_defined,
-        num_threads=1,  # deterministic merges
-        minloglevel=2,
-    )
-    return out.getvalue()
+    return train_spm(_corpus(), vocab_size, layout=_ALIASES[layout], character_coverage=1.0)
 
 
 def train_gemma_spm(tmpdir: Path, generation: str, vocab_size: int = 640) -> Path:
@@ -100,7 +63,7 @@ def train_gemma_spm(tmpdir: Path, generation: str, vocab_size: int = 640) -> Pat
     name "gemma1/2") to `tmpdir/<layout>/tokenizer.model` and return that file's path."""
     if generation not in _ALIASES:
         raise ValueError(f"unknown generation {generation!r}; expected one of {sorted(_ALIASES)}")
-    slug, _ = _LAYOUTS[_ALIASES[generation]]
+    slug = _SLUGS[_ALIASES[generation]]
     path = Path(tmpdir) / slug / "tokenizer.model"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gemma_spm_bytes(_ALIASES[generation], vocab_size))

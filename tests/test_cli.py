@@ -114,7 +114,6 @@ def test_user_errors_are_one_line(model_dir: Path, tmp_path: Path) -> None:
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     assert_user_error(run("generate", "--model", str(bad), "--prompt", "x"), "model.safetensors", "truncated")
-    assert_user_error(run("chat"), "--model")
     assert_user_error(run("info", "--preset", "gemma-5b"), "gemma-5b")
     assert_user_error(
         run("generate", "--model", str(model_dir), "--prompt", "x", "--dtype", "int3"), "--dtype"
@@ -124,3 +123,12 @@ def test_user_errors_are_one_line(model_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(model_dir, notok)
     (notok / "tokenizer.model").write_bytes(b"garbage")
     assert_user_error(run("generate", "--model", str(notok), "--prompt", "x"), "tokenizer.model")
+
+
+def test_chat_and_generate_default_to_the_bundled_nano_model() -> None:
+    """No --model: the nano model shipped in the package answers (README's main command)."""
+    proc = run("chat", "--temperature", "0", stdin="What is the capital of France?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    proc = run("generate", "--prompt", "KING.", "--max-new-tokens", "8")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr

@@ -129,6 +129,38 @@ def test_resume_after_sigkill_is_bit_exact_and_corrupt_checkpoints_are_skipped(t
         run(other, tmp_path / "b", resume=True)
 
 
+_KILL_IN_SAVE = textwrap.dedent("""
+    import json, os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from gemmakit.train import checkpoints, recipe_from_dict, run
+    raw, out, kill_step = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    real = checkpoints.write_json
+    def write_json(path, obj):  # SIGKILL just before the manifest of step `kill_step` is written
+        if path.name == "manifest.json" and obj.get("step") == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, obj)
+    checkpoints.write_json = write_json
+    run(recipe_from_dict(raw), out)
+""")
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint_newest(tmp_path: Path) -> None:
+    data, tok = chat_setup(tmp_path)
+    raw = sft_recipe(data, tok, loop={"steps": 9, "save_every": 3})
+    reference = run(recipe_from_dict(raw), tmp_path / "a").losses
+    proc = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, json.dumps(raw), str(tmp_path / "b"), "6"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    root = tmp_path / "b" / "checkpoints"
+    assert any(".tmp-" in p.name for p in root.iterdir())  # the half-written step-6 is left behind...
+    assert ckpt.latest(tmp_path / "b").step == 3  # ...and never taken for a checkpoint
+    assert run(recipe_from_dict(raw), tmp_path / "b", resume=True).losses == reference[3:]
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000006", "step-000009"]
+    with pytest.raises(TrainError, match="already holds checkpoints.*--resume"):  # no silent restart
+        run(recipe_from_dict(raw), tmp_path / "b")
+
+
 def _tiny_fit_setup(tmp_path: Path) -> tuple:
     data, tok = chat_setup(tmp_path)
     recipe = recipe_from_dict(sft_recipe(data, tok, loop={"steps": 10, "save_every": 2}))

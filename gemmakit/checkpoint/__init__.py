@@ -32,7 +32,7 @@ from gemmakit.checkpoint.names import (
     hf_state_dict_to_internal,
     internal_name_to_hf,
 )
-from gemmakit.checkpoint.save import convert_checkpoint, save_gemma_pytorch, save_hf
+from gemmakit.checkpoint.save import convert_checkpoint, fsync_path, save_gemma_pytorch, save_hf
 
 __all__ = [
     "FORMATS",
@@ -50,6 +50,7 @@ __all__ = [
     "internal_name_to_hf",
     "load_model",
     "read_safetensors_header",
+    "fsync_path",
     "save_gemma_pytorch",
     "save_hf",
 ]

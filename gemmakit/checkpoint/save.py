@@ -33,7 +33,8 @@ from gemmakit.config import ModelConfig, to_hf_dict
 from gemmakit.model import Gemma
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (for a directory: its entries, so a rename survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -101,11 +102,11 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if out_dir.exists():
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out_dir.exists():

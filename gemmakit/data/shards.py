@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from gemmakit.checkpoint import fsync_path
 from gemmakit.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,6 @@ def _err(where: Path | str, problem: str) -> ShardError:
 def dtype_for_vocab(vocab_size: int) -> str:
     """The format's token dtype name: the smallest unsigned dtype that holds ids up to vocab_size - 1."""
     return "uint16" if vocab_size - 1 <= np.iinfo(np.uint16).max else "uint32"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
@@ -207,7 +200,7 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(part, self._tmp / INDEX)
-        _fsync_dir(self._tmp)
+        fsync_path(self._tmp)
 
     def _commit(self) -> None:
         """Rename the temp dir into place; an existing out_dir is moved aside and restored on failure."""
@@ -218,7 +211,7 @@ class ShardWriter:
             os.rename(self.out_dir, old)
         try:
             os.rename(self._tmp, self.out_dir)
-            _fsync_dir(self.out_dir.parent)
+            fsync_path(self.out_dir.parent)
         except BaseException:
             if old.exists() and not self.out_dir.exists():
                 os.rename(old, self.out_dir)

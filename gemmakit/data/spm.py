@@ -21,30 +21,34 @@ from collections.abc import Iterable
 
 import sentencepiece
 
-RESERVED = [
-    "<mask>",
-    "[multimodal]",
-    *(f"<unused{i}>" for i in range(99)),
-    "<start_of_turn>",
-    "<end_of_turn>",
-]
+_UNUSED = [f"<unused{i}>" for i in range(99)]
+# Pieces between <unk> 3 and the newline runs, per special-token layout (reference §4.2): Gemma 3 puts
+# <start_of_turn> at 105, Gemma 1/2 at 106.
+RESERVED = {
+    "gemma3": ["<mask>", "[multimodal]", *_UNUSED, "<start_of_turn>", "<end_of_turn>"],
+    "gemma1/2": ["<mask>", "<2mass>", "[@BOS@]", *_UNUSED, "<start_of_turn>", "<end_of_turn>"],
+}
 NEWLINES = ["\n" * k for k in range(1, 9)]
 
 
-def train_spm(sentences: Iterable[str], vocab_size: int, *, max_sentence_length: int = 8192,
+def train_spm(sentences: Iterable[str], vocab_size: int, *, layout: str = "gemma3",
+              character_coverage: float = 0.9999, max_sentence_length: int = 8192,
               input_sentence_size: int = 0, seed_sentencepiece_size: int = 200_000) -> bytes:  # fmt: skip
-    """A serialized SentencePiece BPE model with Gemma 3's special ids, trained on `sentences`.
+    """A serialized SentencePiece BPE model with Gemma's special ids (`layout` "gemma3" or "gemma1/2").
 
-    Deterministic for the same input (one trainer thread). `input_sentence_size` > 0 samples that
+    Deterministic for the same input (one trainer thread). `character_coverage` < 1 sends the rarest
+    characters to byte fallback instead of giving them rows; `input_sentence_size` > 0 samples that
     many sentences (SentencePiece's own sampler) to bound memory on large corpora.
     """
+    if layout not in RESERVED:
+        raise ValueError(f"layout: expected one of {sorted(RESERVED)}, got {layout!r}")
     out = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=out,
         model_type="bpe",
         vocab_size=vocab_size,
-        character_coverage=0.9999,  # rare characters fall back to bytes instead of taking rows
+        character_coverage=character_coverage,
         byte_fallback=True,
         split_digits=True,
         split_by_whitespace=True,
@@ -67,7 +71,7 @@ def train_spm(sentences: Iterable[str], vocab_size: int, *, max_sentence_length:
         eos_piece="<eos>",
         bos_piece="<bos>",
         unk_piece="<unk>",
-        user_defined_symbols=[*RESERVED, *NEWLINES],
+        user_defined_symbols=[*RESERVED[layout], *NEWLINES],
         num_threads=1,
         minloglevel=2,
     )

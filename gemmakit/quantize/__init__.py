@@ -6,18 +6,20 @@ engine, KV cache and sampler do not know the difference. The package's modules, 
 
 - `schemes`: int8 per-output-row and int4 group-wise packing, bf16 (unquantized bf16 weights for
   the native bf16 x fp32 GEMV), the reference dequantizer.
-- `kernels`: native GEMV (C++ built on first use, cached) or the PyTorch fallback; tiled fp32 GEMM
-  for prefill.
-- `modules`: QLinear, QEmbedding, `quantize_state_dict` (pure), `swap_modules`, `quantize_model`.
+- `kernels`: native GEMV (C++ built on first use, cached) or the PyTorch fallback; tiled bf16 or
+  fp32 GEMM for prefill.
+- `modules`: QLinear, QEmbedding, `quantize_state_dict` (pure), `swap_modules`, `quantize_model`,
+  `with_bf16_kernels` (a bf16 model onto the bf16 GEMV, sharing its storage).
 - `io`: `save_quantized`, `load_quantized`, `load_any` (quantized or float, by manifest.json).
 
 Key trade-off: weights are stored as the decode kernels read them, and only weights are quantized;
-activations stay float32. Decode then streams 1 (int8) or ~0.56 (int4, group 64) bytes per weight
-instead of 4, while prefill dequantizes tiles back to fp32 for MKL's GEMM (~10% over the float
-model's GEMM at 128 rows). Random-weight Gemma 1 2B, 2-core AVX-512 Xeon, 2 threads, 128-token
-prompt, same process (benchmarks/bench_quant_decode.py; llama.cpp without its AMX repack, which
-segfaults on this CPU): decode int8 7.1 tok/s vs llama.cpp q8_0 5.2, int4 g64 8.1 vs q4_0 5.7;
-prefill 52-53 vs 44-45 tok/s. Kernel-level numbers: benchmarks/bench_kernels.py.
+activations stay float32 in decode. Decode then streams 1 (int8) or ~0.56 (int4, group 64) bytes
+per weight instead of 4, while prefill dequantizes tiles back to a dense format for a GEMM: bf16
+tiles into the AMX / AVX512-BF16 GEMM where the CPU has one (activations rounded to bf16; ~3x faster
+than fp32), fp32 tiles into MKL's GEMM otherwise. Random-weight Gemma 1 2B, 2-core AVX-512 Xeon,
+2 threads, prompt 128, 128 new tokens (benchmarks/decode.py; llama.cpp without its AMX repack,
+which segfaults on this CPU): decode int8 7.6 tok/s vs llama.cpp q8_0 5.7, int4 g64 9.2 vs q4_0
+5.7; prefill 110-111 vs 46-48 tok/s. Kernel-level numbers: benchmarks/bench_kernels.py.
 """
 
 from gemmakit.quantize.io import FORMAT, load_any, load_quantized, read_quantization, save_quantized

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from gemmakit.checkpoint import fsync_path
+
 log = logging.getLogger(__name__)
 
 FORMAT = "gemmakit-train-checkpoint"
@@ -63,15 +65,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's entries: new names survive a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:

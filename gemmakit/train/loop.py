@@ -89,6 +89,7 @@ class Result:
     losses: list[float]  # the loss of every step this call ran
     last_checkpoint: Path | None
     final_val_loss: float | None
+    target_tokens: int = 0  # tokens that carried loss over the steps this call ran (all ranks)
 
 
 # ---- state that makes resume exact --------------------------------------------------------------------
@@ -192,7 +193,10 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
     opt = make_optimizer(module, recipe.optim)
     metrics = Metrics(run_dir / "metrics.jsonl", enabled=dist.rank() == 0)
     start, last_ckpt = 0, None
-    found = ckpt.latest(run_dir) if resume else None
+    found = ckpt.latest(run_dir)
+    if found is not None and not resume:
+        raise TrainError(f"{run_dir} already holds checkpoints (newest: {found.path.name}); pass --resume to "
+                         "continue that run, or choose a new run directory")  # fmt: skip
     if found is not None:
         start, last_ckpt = _restore(found, module, opt, train, hooks)
         log.info("resumed from %s (step %d)", found.path, start)
@@ -200,7 +204,7 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
         seed_everything(cfg.seed + dist.rank())
     metrics.truncate_after(start)
     module.train()
-    losses, tokens_per_step = [], None
+    losses, tokens_per_step, target_tokens = [], None, 0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.steps, recipe.optim)
@@ -214,6 +218,7 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise NonFiniteError(f"{e} is not finite; halted before the optimizer step ({where})") from None
         losses.append(loss)
+        target_tokens += n
         dt = time.perf_counter() - t0
         record = {"step": step + 1, "total_steps": cfg.steps, "loss": loss, "lr": lr, "grad_norm": norm, "target_tokens": n,
                   "tokens_per_s": tokens_per_step / dt, "step_s": dt}  # fmt: skip
@@ -234,7 +239,8 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
     if dist.rank() == 0:
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     final_val = metrics.last_val
-    return Result(steps=cfg.steps, losses=losses, last_checkpoint=last_ckpt, final_val_loss=final_val)
+    return Result(steps=cfg.steps, losses=losses, last_checkpoint=last_ckpt, final_val_loss=final_val,
+                  target_tokens=target_tokens)  # fmt: skip
 
 
 def _n_params(module: nn.Module) -> int:
@@ -247,10 +253,16 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) trainable parameters on CPU; buffers (e.g. a QLoRA base's packed weights) excluded."""
+    names = {n.removeprefix("module.") for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(module, options=_TRAINABLE).items() if k in names}
+
+
 def save(run_dir: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer, train: Batches,
          recipe: Recipe, hooks: Hooks) -> Path:  # fmt: skip
     """Write and commit the checkpoint of `step` (all ranks call this); returns its directory."""
-    trainable = get_model_state_dict(module, options=_TRAINABLE)
+    trainable = _trainable_state(module)
     optim_state = get_optimizer_state_dict(module, opt, options=_FULL)
     full = get_model_state_dict(module, options=_FULL) if hooks.export else None
     tmp = dist.broadcast_object(str(ckpt.begin(run_dir, step)) if dist.rank() == 0 else None)
@@ -260,7 +272,7 @@ def save(run_dir: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer
         ckpt.write_torch(tmp / f"rank-{r}.pt", {"rng": rng_state(), "step": step})
         ckpt.write_json(tmp / f"rank-{r}.json", {"step": step, "loader": train.state_dict()})
         if r == 0:
-            ckpt.write_tensors(tmp / "trainable.safetensors", {k: v.float() for k, v in trainable.items()})
+            ckpt.write_tensors(tmp / "trainable.safetensors", trainable)
             ckpt.write_torch(tmp / "optimizer.pt", optim_state)
             if hooks.export and full is not None:
                 hooks.export(full, tmp)
@@ -286,7 +298,7 @@ def _restore(found: ckpt.Found, module: nn.Module, opt: torch.optim.Optimizer, t
         raise TrainError(f"{found.path}: no state for rank {dist.rank()} (saved with another world size)")
     trainable = ckpt.read_tensors(found.path / "trainable.safetensors")
     set_model_state_dict(module, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
-    want = set(get_model_state_dict(module, options=_TRAINABLE))
+    want = set(_trainable_state(module))
     if set(trainable) != want:
         raise TrainError(f"{found.path}: trainable parameters differ from the model's: "
                          f"{sorted(set(trainable) ^ want)[:5]}")  # fmt: skip

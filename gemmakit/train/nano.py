@@ -155,6 +155,7 @@ def build(out: str | Path, *, smoke: bool = False, on_log: Callable[[str, dict],
     def stage(name: str, recipe_file: str, sets: list[str]) -> tuple[dict, Path]:
         t0 = time.perf_counter()
         recipe = load_recipe(ROOT / "recipes" / recipe_file, sets + (SMOKE[name] if smoke else []))
+        shutil.rmtree(work / name, ignore_errors=True)  # a rebuild starts each stage afresh
         result = run(recipe, work / name, on_log=(lambda r: on_log(name, r)) if on_log else None)
         timed(name, t0)
         records = [
@@ -164,7 +165,7 @@ def build(out: str | Path, *, smoke: bool = False, on_log: Callable[[str, dict],
         tps = [r["tokens_per_s"] for r in records]
         info = {"recipe": recipe_to_dict(recipe), "steps": result.steps, "final_train_loss": result.losses[-1],
                 "final_val_loss": vals[-1] if vals else None, "tokens_per_s_median": sorted(tps)[len(tps) // 2],
-                "tokens": sum(r.get("target_tokens", 0) for r in records)}  # fmt: skip
+                "target_tokens": result.target_tokens}  # fmt: skip
         return info, work / name / "final"
 
     tok_dir = str(work / "tokenizer")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.checkpoint import load_model, save_hf
+from gemmakit.checkpoint import fsync_path, load_model, save_hf
 from gemmakit.config import ModelConfig, get_preset, layer_pattern
 from gemmakit.model import Gemma
 from gemmakit.tokenizer import Tokenizer
 from gemmakit.train import distributed as dist
-from gemmakit.train.checkpoints import fsync_path, sha256_file, write_json
+from gemmakit.train.checkpoints import sha256_file, write_json
 from gemmakit.train.loop import Hooks, Result, fit
 from gemmakit.train.objectives import NextTokenLoss
 from gemmakit.train.recipe import Recipe, RecipeError, recipe_to_dict
@@ -163,12 +163,36 @@ def _exporter(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> Callable[[d
     return export
 
 
+# Dense bf16 peak FLOP/s of common accelerators (vendor datasheets), for MFU when the recipe gives none.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+
+
+def _with_peak_flops(recipe: Recipe, device: torch.device) -> Recipe:
+    if recipe.loop.peak_flops > 0 or device.type != "cuda":
+        return recipe
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
+    return (
+        dataclasses.replace(recipe, loop=dataclasses.replace(recipe.loop, peak_flops=peak))
+        if peak
+        else recipe
+    )
+
+
 def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         on_log: Callable[[dict], None] | None = None, on_micro: Callable[[int, int], None] | None = None) -> Result:  # fmt: skip
     """Train as the recipe says, writing into `run_dir`; `resume` continues from its newest good checkpoint."""
     run_dir = Path(run_dir)
     want = recipe.loop.device
     device = dist.setup(recipe.parallel.mode, "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")  # fmt: skip
+    recipe = _with_peak_flops(recipe, device)
     tokenizer = resolve_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
     if recipe.lora.enabled:

@@ -40,9 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = run(recipe, args.out, resume=args.resume, on_log=_progress(recipe.loop.steps))
+        rank = dist.rank()
     finally:
         dist.teardown()
-    if dist.rank() == 0:
+    if rank == 0:
         print(f"done: {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else "done")
         if result.last_checkpoint:
             print(f"model: {args.out}/final  (gemmakit chat --model {args.out}/final)")

@@ -111,13 +111,9 @@ class Kernels:
         self.lib, self.path, self.isa = lib, path, lib.gk_isa().decode()
 
     def gemv(self, x: torch.Tensor, packed: dict[str, torch.Tensor], scheme: str, shape: tuple[int, int],
-             group: int | None, checked: bool = False) -> torch.Tensor:  # fmt: skip
-        """(M, K) float32 @ W^T -> (M, N) float32, streaming the packed weights once.
-
-        `checked=True` skips `check(packed, ...)`: only for buffers that already passed it unchanged.
-        """
-        if not checked:
-            check(packed, scheme, shape, group)
+             group: int | None) -> torch.Tensor:  # fmt: skip
+        """(M, K) float32 @ W^T -> (M, N) float32, streaming the packed weights once."""
+        check(packed, scheme, shape, group)
         (n, k), m = shape, x.shape[0]
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k:
             raise ValueError(f"x: expected a CPU float32 (M, {k}) tensor, got {x.dtype} {tuple(x.shape)}")
@@ -252,11 +248,8 @@ def use_native(enabled: bool) -> None:
 
 
 def matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], scheme: str, shape: tuple[int, int],
-           group: int | None, max_gemv_rows: int | None = None, checked: bool = False) -> torch.Tensor:  # fmt: skip
-    """x (M, K) float32 @ W^T -> (M, N) float32: native GEMV for M <= GEMV_MAX_ROWS[isa], else tiled GEMM.
-
-    `checked=True`: `packed` already passed `check` (QMatrix does it once per set of buffers).
-    """
+           group: int | None, max_gemv_rows: int | None = None) -> torch.Tensor:  # fmt: skip
+    """x (M, K) float32 @ W^T -> (M, N) float32: native GEMV for M <= GEMV_MAX_ROWS[isa], else tiled GEMM."""
     (n, k), kern = shape, native()
     if kern is not None and x.device.type != "cpu":
         kern = None
@@ -269,7 +262,7 @@ def matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], scheme: str, shape:
         else:
             max_gemv_rows = GEMV_MAX_ROWS.get(kern.isa, 4)
     if kern is not None and x.shape[0] <= max_gemv_rows:
-        return kern.gemv(x, packed, scheme, shape, group, checked)
+        return kern.gemv(x, packed, scheme, shape, group)
     if bf16_gemm:
         return F.linear(x.to(torch.bfloat16), packed["qweight"]).float()
     if kern is not None and _BF16_GEMM:  # int8 / int4 prefill: bf16 tiles into the AMX GEMM

@@ -20,8 +20,6 @@ Prefill on CPUs with AMX / AVX512-BF16 rounds activations to bf16 for a ~3x fast
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -53,7 +51,6 @@ class QMatrix(nn.Module):
         self._names = tuple(packed_shapes(self.shape, scheme, self.group_size))
         for name, (shape, dtype) in packed_shapes(self.shape, scheme, self.group_size).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
-        self._checked: tuple = ()  # identity of the buffers `kernels.check` last accepted (see matmul)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,17 +72,9 @@ class QMatrix(nn.Module):
         """x (..., in_features) -> (..., out_features) in x's dtype, through `kernels.matmul`."""
         if x.requires_grad and torch.is_grad_enabled():  # backprop through a frozen matrix (QLoRA)
             return _FrozenMatmul.apply(x, self)
-        lead, packed = x.shape[:-1], self.packed
-        # The kernels' tensor checks cost ~6 us a call, 126 calls a token on Gemma 3 270M: run them
-        # once per set of buffers (a load, `.to()` or assignment replaces the tensors, so their
-        # identity, address, shape and strides change) instead of on every call.
-        key = tuple((id(t), t.data_ptr(), t.shape, t.stride()) for t in packed.values())
-        if key != self._checked:
-            with contextlib.suppress(ValueError):  # e.g. CUDA buffers: no native kernel will see them
-                kernels.check(packed, self.scheme, self.shape, self.group_size)
-                self._checked = key
-        y = kernels.matmul(x.reshape(-1, self.in_features).float(), packed, self.scheme, self.shape,
-                           self.group_size, checked=key == self._checked)  # fmt: skip
+        lead = x.shape[:-1]
+        y = kernels.matmul(x.reshape(-1, self.in_features).float(), self.packed, self.scheme, self.shape,
+                           self.group_size)  # fmt: skip
         return y.view(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -208,7 +208,8 @@ def package(src: Path, dst: Path, report: dict) -> Path:
     """The shippable directory: bf16 HF safetensors, tokenizer.model and nano.json, replaced atomically."""
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(load_model(src, dtype=torch.float32), tmp, dtype=torch.bfloat16)
+    # 16 MiB shards: the 29 MB of bf16 weights stay below the repository's 20 MiB per-file limit.
+    save_hf(load_model(src, dtype=torch.float32), tmp, dtype=torch.bfloat16, max_shard_bytes=16 << 20)
     shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
     write_json(tmp / "nano.json", report)
     if dst.exists():

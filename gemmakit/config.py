@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,3 +433,44 @@ def human_count(n: float) -> str:
         return str(int(n))
     exp = min(int(math.log10(n) // 3), 4)
     return f"{n / 10 ** (3 * exp):.2f}{' KMGT'[exp]}"
+
+
+def coerce_value(where: str, value: Any, annotation: Any, error: type[Exception] = ConfigError) -> Any:
+    """`value` as a dataclass field's type (TOML ints for floats, lists for tuples), else `error(where: ...)`."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise error(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise error(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            coerce_value(where, v, args[0] if args[-1] is Ellipsis else args[i], error)
+            for i, v in enumerate(value)
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise error(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if hint in (int, str, bool, float) and (type(value) is not hint):
+        raise error(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def dataclass_from_table(cls: type, table: Any, source: str, name: str,
+                         error: type[Exception] = ConfigError) -> Any:  # fmt: skip
+    """`cls(**table)` for the table `[name]` of `source`, every key checked: unknown keys and wrongly
+    typed values raise `error` naming `name.key` and the valid keys (nanoGPT#64: a typo'd key
+    silently kept its default)."""
+    if not isinstance(table, dict):
+        raise error(f"{source}: [{name}] must be a table, got {table!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise error(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                    f"valid keys of [{name}]: {', '.join(fields)}")  # fmt: skip
+    hints = typing.get_type_hints(cls)  # resolves the string annotations `from __future__` leaves
+    return cls(**{k: coerce_value(f"{source}: {name}.{k}", v, hints[k], error) for k, v in table.items()})

@@ -13,6 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "gemmakit"
 
 RANK = {
     "config": 0,
+    "fsio": 0,
     "tokenizer": 1,
     "model": 1,
     "chat": 2,
@@ -28,6 +29,7 @@ RANK = {
     "server": 9,
     "cli": 9,
     "cli_train": 8,
+    "cli_data": 8,
     "__init__": 10,
 }
 CORE_FORBIDDEN = {"transformers", "fastapi", "ray", "jinja2", "uvicorn", "gguf"}

@@ -256,7 +256,8 @@ def test_recipe_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_every_shipped_recipe_loads() -> None:
-    recipes = sorted((ROOT / "recipes").glob("*.toml"))
+    # data_*.toml are data-pipeline recipes (tests/test_data_pipeline.py loads those).
+    recipes = sorted(p for p in (ROOT / "recipes").glob("*.toml") if not p.name.startswith("data_"))
     assert recipes, "no recipes shipped"
     for path in recipes:
         load_recipe(path)

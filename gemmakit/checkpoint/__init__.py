@@ -32,7 +32,8 @@ from gemmakit.checkpoint.names import (
     hf_state_dict_to_internal,
     internal_name_to_hf,
 )
-from gemmakit.checkpoint.save import convert_checkpoint, fsync_path, save_gemma_pytorch, save_hf
+from gemmakit.checkpoint.save import convert_checkpoint, save_gemma_pytorch, save_hf
+from gemmakit.fsio import fsync_path
 
 __all__ = [
     "FORMATS",

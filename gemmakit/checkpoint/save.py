@@ -30,16 +30,8 @@ from gemmakit.checkpoint.formats import _ST_NAMES, _USABLE, MANIFEST, Checkpoint
 from gemmakit.checkpoint.load import load_model
 from gemmakit.checkpoint.names import _GP_QKV, FORMATS, file_names, internal_name_to_hf
 from gemmakit.config import ModelConfig, to_hf_dict
+from gemmakit.fsio import fsync_path
 from gemmakit.model import Gemma
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (for a directory: its entries, so a rename survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes | None = None, tensors: dict[str, torch.Tensor] | None = None,

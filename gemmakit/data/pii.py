@@ -151,9 +151,18 @@ def apply_pii_policy(text: str, cfg: PiiConfig | None = None) -> tuple[str | Non
             return None, f"pii_{f.kind}", findings
     if not findings:
         return text, "", findings
+    return _replace(text, findings), "pii_redacted", findings
+
+
+def redact_all(text: str, cfg: PiiConfig | None = None) -> str:
+    """The text with every finding, whatever its severity, replaced by its placeholder (for display)."""
+    return _replace(text, find_pii(text, cfg))
+
+
+def _replace(text: str, findings: list[Finding]) -> str:
     parts, last = [], 0
     for f in findings:
         parts += [text[last : f.start], PLACEHOLDER[f.kind]]
         last = f.end
     parts.append(text[last:])
-    return "".join(parts), "pii_redacted", findings
+    return "".join(parts)

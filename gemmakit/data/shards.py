@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from gemmakit.checkpoint import fsync_path
+from gemmakit.fsio import fsync_path
 from gemmakit.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)

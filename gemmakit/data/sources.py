@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-MALFORMED = ("invalid_utf8", "invalid_json", "not_object", "missing_text", "text_not_string", "line_too_long")
+MALFORMED = ("invalid_utf8", "invalid_json", "not_object", "missing_text", "text_not_string", "line_too_long",
+             "bad_messages")  # fmt: skip
+MODEL_ROLES = ("model", "assistant")  # the speaker whose turns SFT trains on (Gemma says "model")
 _GZIP, _ZSTD, _PARQUET = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
 _BOM = b"\xef\xbb\xbf"
 _PIECE = 1 << 20
@@ -122,34 +124,73 @@ def _open_binary(path: Path, kind: str) -> IO[bytes]:
     return open(path, "rb")  # noqa: SIM115 (closed by the caller's with)
 
 
-def _lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[bytes, bool, bool]]:
-    """(line without its newline, ended by a newline, too long) per line; at most max_line_bytes + 1 in memory."""
+def _lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[bytes, bool, bool, int]]:
+    """(line without its newline, ended by a newline, too long, bytes consumed) per line; at most
+    max_line_bytes + 1 bytes in memory."""
     while True:
         piece = f.readline(max_line_bytes + 1)
         if not piece:
             return
         if piece.endswith(b"\n"):
-            yield piece[:-1], True, False
+            yield piece[:-1], True, False, len(piece)
         elif len(piece) <= max_line_bytes:  # the last line, without a newline
-            yield piece, False, False
+            yield piece, False, False, len(piece)
         else:  # too long: keep its start for the quarantine, skip the rest in 1 MiB pieces
-            rest = piece
+            rest, consumed = piece, len(piece)
             while rest and not rest.endswith(b"\n"):
                 rest = f.readline(_PIECE)
-            yield piece[:1000], bool(rest), True
+                consumed += len(rest)
+            yield piece[:1000], bool(rest), True, consumed
+
+
+def _seek_line(f: IO[bytes], start: int) -> tuple[int, int]:
+    """Move to the first line starting at or after byte `start`; (its byte offset, lines before it).
+
+    A line belongs to the byte range its first byte falls in (the Hadoop split rule), so ranges
+    [0, a), [a, b), ... of one file read every line exactly once."""
+    if start <= 0:
+        return 0, 0
+    f.seek(start - 1)
+    while True:  # skip the rest of the line holding byte start - 1
+        piece = f.readline(_PIECE)
+        if not piece or piece.endswith(b"\n"):
+            break
+    pos = f.tell()
+    f.seek(0)
+    newlines, left = 0, pos
+    while left:
+        chunk = f.read(min(left, 16 << 20))
+        newlines += chunk.count(b"\n")
+        left -= len(chunk)
+    return pos, newlines
 
 
 def read_jsonl(path: str | Path, *, text_field: str = "text", id_field: str = "id",
                quarantine: Quarantine | None = None, stats: SourceStats | None = None,
-               max_line_bytes: int = 16 << 20) -> Iterator[Doc]:  # fmt: skip
-    """Documents of a JSONL file (plain, gzip or zstd); bad lines go to `quarantine`, counts to `stats`."""
+               max_line_bytes: int = 16 << 20, chat: bool = False, byte_range: tuple[int, int] | None = None,
+               ) -> Iterator[Doc]:  # fmt: skip
+    """Documents of a JSONL file (plain, gzip or zstd); bad lines go to `quarantine`, counts to `stats`.
+
+    With `chat=True`, `text_field` names a list of {"role": str, "content": str} turns (SFT data, e.g.
+    "messages"): the Doc keeps the turns in `meta["messages"]` and its text is `chat_text(turns)`.
+    `byte_range=(start, end)` (plain files only) reads just the lines whose first byte is in [start, end),
+    with their true line numbers: how the pipeline splits one big file between shards."""
     path, stats = Path(path), stats if stats is not None else SourceStats()
     kind = sniff(path)
+    if byte_range is not None and kind != "text":
+        raise SourceError(f"{path}: byte ranges need an uncompressed file, this one is {kind}")
+    start, end = byte_range or (0, None)
     try:
         with _open_binary(path, kind) as f:
-            for n, (raw, ended, too_long) in enumerate(_lines(f, max_line_bytes), 1):
+            pos, before = _seek_line(f, start) if start else (0, 0)
+            if start:
+                f.seek(pos)
+            for n, (raw, ended, too_long, consumed) in enumerate(_lines(f, max_line_bytes), before + 1):
+                if end is not None and pos >= end:
+                    break
+                pos += consumed
                 stats.lines += 1
-                doc, category = _judge(raw, n, ended, too_long, path, text_field, id_field, stats)
+                doc, category = _judge(raw, n, ended, too_long, path, text_field, id_field, stats, chat)
                 if doc is not None:
                     stats.docs += 1
                     yield doc
@@ -168,7 +209,7 @@ def read_jsonl(path: str | Path, *, text_field: str = "text", id_field: str = "i
 
 
 def _judge(raw: bytes, n: int, ended: bool, too_long: bool, path: Path, text_field: str, id_field: str,
-           stats: SourceStats) -> tuple[Doc | None, str]:  # fmt: skip
+           stats: SourceStats, chat: bool = False) -> tuple[Doc | None, str]:  # fmt: skip
     """(the document, "") or (None, the bucket) for one line."""
     if too_long:
         return None, "line_too_long"
@@ -192,15 +233,37 @@ def _judge(raw: bytes, n: int, ended: bool, too_long: bool, path: Path, text_fie
         return None, "not_object"
     if text_field not in obj:
         return None, "missing_text"
-    text = obj[text_field]
-    if not isinstance(text, str):
+    text = turns = obj[text_field]
+    if chat:
+        if not _turns_ok(turns):
+            return None, "bad_messages"
+        text = chat_text(turns)
+    elif not isinstance(text, str):
         return None, "text_not_string"
     if not ended:
         stats.repaired["no_final_newline"] += 1
     doc_id = obj.get(id_field)
-    meta = {k: v for k, v in obj.items() if k not in (text_field,)}
+    meta = {k: v for k, v in obj.items() if k != text_field}
+    if chat:
+        meta["messages"] = turns  # the conversation itself; filters read and rewrite its turns here
     meta.update(source=str(path), line=n)
     return Doc(str(doc_id) if doc_id is not None else f"{path.name}:{n}", text, meta), ""
+
+
+def _turns_ok(turns: Any) -> bool:
+    return (
+        isinstance(turns, list)
+        and bool(turns)
+        and all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in turns
+        )
+    )
+
+
+def chat_text(turns: list[dict]) -> str:
+    """The text filters see for a conversation: its turns' contents, separated by blank lines."""
+    return "\n\n".join(t["content"] for t in turns)
 
 
 def read_text_dir(path: str | Path, *, quarantine: Quarantine | None = None,

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gemmakit.config import dataclass_from_table
 
 METHODS = ("pretrain", "sft")
 
@@ -228,43 +229,8 @@ _SECTION_CLASSES = {
 }
 
 
-def _coerce(where: str, value: Any, annotation: Any) -> Any:
-    """`value` as the field's type (TOML ints for floats, lists for tuples), else RecipeError."""
-    hint = annotation
-    origin = typing.get_origin(hint)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(hint)
-        elem = args[0]
-        if len(args) == 2 and args[1] is not Ellipsis and len(value) != 2:
-            raise RecipeError(f"{where}: expected a list of 2 values, got {value!r}")
-        return tuple(
-            _coerce(where, v, elem if args[-1] is Ellipsis else args[i]) for i, v in enumerate(value)
-        )
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    if hint in (int, str, bool, float) and (type(value) is not hint):
-        raise RecipeError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _section(name: str, table: Any, source: str) -> Any:
-    cls = _SECTION_CLASSES[name]
-    if not isinstance(table, dict):
-        raise RecipeError(f"{source}: [{name}] must be a table, got {table!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise RecipeError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"valid keys of [{name}]: {', '.join(fields)}")  # fmt: skip
-    hints = typing.get_type_hints(cls)  # resolves the string annotations `from __future__` leaves
-    values = {k: _coerce(f"{source}: {name}.{k}", v, hints[k]) for k, v in table.items()}
-    return cls(**values)
+    return dataclass_from_table(_SECTION_CLASSES[name], table, source, name, RecipeError)
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:

@@ -1,0 +1,255 @@
+"""One shard's share of one pipeline segment: read documents, apply the segment's filters, write outputs.
+
+Where it sits: called by `data.pipeline` once per (segment, shard), in a worker process or a Ray task,
+never directly by users. A segment is the run of per-document stages between two global stages
+(dedup). Segment 0 reads the shard's input units (whole files or byte ranges of JSONL files) through
+`data.sources`; later segments read the previous segment's survivors back from `work/` and drop the
+documents the global dedup step marked. The last segment writes the kept JSONL, the shard's token part
+and its examples; the others write survivors and (before a dedup) their MinHash signatures.
+
+Every output goes to a temp file that is fsynced and renamed into place, and the caller writes the
+completion marker only after this function returns, so a kill at any point leaves either nothing or
+complete files under final names, and a rerun redoes the unit, producing the same bytes.
+
+Key trade-off: survivors pass between segments as JSONL on disk, not in memory, so a segment never
+holds more than one document and a global step can wait for slow shards; the cost is one extra write
+and read of the surviving text per global stage (~1 GB/s, small next to the filters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemmakit.data import decontam, dedup, filters
+from gemmakit.data.pii import redact_all
+from gemmakit.data.recipe import DataRecipe, Stage
+from gemmakit.data.shards import ShardWriter
+from gemmakit.data.sources import Doc, Quarantine, SourceStats, read_source
+from gemmakit.fsio import atomic_open, write_json
+
+EXAMPLE_CHARS = 300  # a removed document's first and last characters kept for the report
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input piece: a whole file (or directory), or the byte range of a JSONL file one shard reads."""
+
+    source: int  # index into recipe.sources
+    path: str  # absolute path
+    byte_range: tuple[int, int] | None = None
+
+
+@dataclass
+class StepStats:
+    """Exact counts for one (segment, shard): docs_in == kept + sum(dropped) + sum(malformed)."""
+
+    docs_in: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    modified: Counter = field(default_factory=Counter)  # kept, rewritten (e.g. pii_redacted)
+    malformed: Counter = field(default_factory=Counter)  # segment 0 only; "blank" lines included
+    repaired: Counter = field(default_factory=Counter)
+    by_source: dict[str, Counter] = field(default_factory=dict)  # name -> docs_in/kept/dropped counts
+    tokens: int = 0
+    examples: dict[str, list[dict]] = field(default_factory=dict)
+
+    def source(self, name: str) -> Counter:
+        return self.by_source.setdefault(name, Counter())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"docs_in": self.docs_in, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
+                "modified": dict(sorted(self.modified.items())), "malformed": dict(sorted(self.malformed.items())),
+                "repaired": dict(sorted(self.repaired.items())), "tokens": self.tokens,
+                "by_source": {k: dict(sorted(v.items())) for k, v in sorted(self.by_source.items())},
+                "examples": self.examples}  # fmt: skip
+
+
+_BUILT: dict[
+    str, Any
+] = {}  # per-process cache of built filters: loading a language model once, not per shard
+
+
+def _build(stage: Stage, recipe: DataRecipe) -> Any:
+    key = json.dumps([stage.kind, stage.params, str(recipe.root)], sort_keys=True, default=str)
+    if key not in _BUILT:
+        if stage.kind == "decontam":
+            cfg = stage.config
+            evals = tuple(str(p if Path(p).is_absolute() else recipe.root / p) for p in cfg.evals)
+            _BUILT[key] = decontam.decontam_filter(dataclasses.replace(cfg, evals=evals))
+        else:
+            params = dict(stage.params)
+            lexicon = params.get("lexicon_file")
+            if lexicon and not Path(lexicon).is_absolute():  # recipe paths are relative to the recipe
+                params["lexicon_file"] = str(recipe.root / lexicon)
+            _BUILT[key] = filters.build_filter(stage.kind, params)
+    return _BUILT[key]
+
+
+def _segment0_docs(recipe: DataRecipe, units: list[Unit], stats: StepStats,
+                   quarantine: Quarantine) -> Iterator[tuple[int, Doc]]:  # fmt: skip
+    for unit in units:
+        src = recipe.sources[unit.source]
+        st = SourceStats()
+        kwargs: dict[str, Any] = {"text_field": src.text_field, "id_field": src.id_field,
+                                  "max_line_bytes": src.max_line_bytes, "quarantine": quarantine, "stats": st}  # fmt: skip
+        if src.format == "chat":
+            kwargs["chat"] = True
+        if unit.byte_range is not None:
+            kwargs["byte_range"] = unit.byte_range
+        for doc in read_source(unit.path, **kwargs):
+            yield unit.source, doc
+        bad = Counter(st.malformed)
+        if st.blank:
+            bad["blank"] += st.blank  # a record that is no document: counted so docs_in adds up exactly
+        stats.docs_in += sum(bad.values())  # the documents themselves are counted as they are yielded
+        stats.malformed.update(bad)
+        stats.repaired.update(st.repaired)
+        counts = stats.source(src.name)
+        counts["docs_in"] += sum(bad.values())
+        counts["malformed"] += sum(bad.values())
+
+
+def _work_docs(path: Path, dropped: np.ndarray | None, method: str,
+               stats: StepStats, recipe: DataRecipe) -> Iterator[tuple[int, Doc]]:  # fmt: skip
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            rec = json.loads(line)
+            doc = Doc(rec["id"], rec["text"], rec["meta"])
+            if dropped is not None and dropped[i]:
+                _drop(stats, recipe.sources[rec["src"]].name, doc, f"dedup_{method}", recipe, count_in=True)
+                continue
+            yield rec["src"], doc
+
+
+def _example(doc: Doc, source: str) -> dict:
+    text = redact_all(doc.text)  # personal data is never shown, even in a removal report
+    if len(text) > 2 * EXAMPLE_CHARS + 5:  # head and tail: what a filter objects to is often at the end
+        text = f"{text[:EXAMPLE_CHARS]} […] {text[-EXAMPLE_CHARS:]}"
+    return {"id": doc.id, "source": source, "text": text}
+
+
+def _drop(
+    stats: StepStats, name: str, doc: Doc, reason: str, recipe: DataRecipe, count_in: bool = False
+) -> None:
+    if count_in:
+        stats.docs_in += 1
+        stats.source(name)["docs_in"] += 1
+    stats.dropped[reason] += 1
+    stats.source(name)[f"dropped:{reason}"] += 1
+    shown = stats.examples.setdefault(reason, [])
+    if len(shown) < recipe.output.examples:
+        shown.append(_example(doc, name))
+
+
+def _record(doc: Doc, name: str, chat: bool) -> dict:
+    """The kept document as written to kept/: its original fields, the id, and the (filtered) text."""
+    meta = dict(doc.meta)
+    if chat:
+        return {"id": doc.id, "messages": meta.pop("messages"), **meta, "corpus": name}
+    return {"id": doc.id, "text": doc.text, **meta, "corpus": name}
+
+
+def run_segment(recipe: DataRecipe, out: Path, seg: int, stages: list[Stage], shard: int,
+                units: list[Unit], last: bool, next_dedup: dedup.DedupConfig | None,
+                prev_dedup: dedup.DedupConfig | None) -> dict[str, Any]:  # fmt: skip
+    """Process one shard of one segment; returns its stats (also written to work/seg{seg}/stats-*.json)."""
+    stats, name = StepStats(), f"{shard:05d}"
+    work = out / "work" / f"seg{seg}"
+    built = [_build(s, recipe) for s in stages]
+    quarantine = Quarantine(out / "quarantine" / f"part-{name}.jsonl" if seg == 0 else None)
+    if seg == 0:
+        docs = _segment0_docs(recipe, units, stats, quarantine)
+    else:
+        prev = out / "work" / f"seg{seg - 1}"
+        mask = np.load(out / "work" / f"dedup{seg - 1}" / f"dropped-{name}.npy", allow_pickle=False)
+        docs = _work_docs(prev / f"part-{name}.jsonl", mask, prev_dedup.method, stats, recipe)
+    survivors: list[str] = []  # texts, for signatures
+    tokens = _TokenPart(out, name, _tokenizer(recipe)) if last and recipe.output.tokenizer else None
+    target = out / "kept" / f"part-{name}.jsonl" if last else work / f"part-{name}.jsonl"
+    with atomic_open(target) as f:
+        for src_idx, doc in docs:
+            src = recipe.sources[src_idx]
+            stats.docs_in += 1
+            stats.source(src.name)["docs_in"] += 1
+            for fn in built:
+                new, reason = fn(doc)
+                if new is None:
+                    _drop(stats, src.name, doc, reason, recipe)
+                    break
+                if reason:
+                    stats.modified[reason] += 1
+                doc = new
+            else:
+                stats.kept += 1
+                stats.source(src.name)["kept"] += 1
+                if last:
+                    f.write(json.dumps(_record(doc, src.name, src.format == "chat"), ensure_ascii=False,
+                                       default=str) + "\n")  # fmt: skip
+                    if tokens is not None and src.format == "text" and doc.text:
+                        tokens.add(doc.text, src_idx)
+                else:
+                    rec = {"id": doc.id, "src": src_idx, "text": doc.text, "meta": doc.meta}
+                    f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                    survivors.append(doc.text)
+    if seg == 0:
+        quarantine.close()
+    if next_dedup is not None:
+        sigs = dedup.signatures(survivors, next_dedup)
+        with atomic_open(work / f"sig-{name}.npy", "wb") as g:
+            np.save(g, sigs, allow_pickle=False)
+    if tokens is not None:
+        stats.tokens = tokens.close()
+    result = {"shard": shard, "segment": seg, **stats.as_dict()}
+    write_json(work / f"stats-{name}.json", result)
+    return result
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(recipe: DataRecipe) -> Any:
+    from gemmakit.tokenizer import Tokenizer
+
+    spec = recipe.output.tokenizer
+    if spec == "nano":
+        path = Path(__file__).resolve().parents[1] / "assets" / "nano" / "tokenizer.model"
+    else:
+        path = Path(spec) if Path(spec).is_absolute() else recipe.root / spec
+    if str(path) not in _TOKENIZERS:
+        _TOKENIZERS[str(path)] = Tokenizer.load(path)
+    return _TOKENIZERS[str(path)]
+
+
+class _TokenPart:
+    """The shard's token part: work/tokens/part-NNNNN (a complete shard directory, written by
+    ShardWriter: atomic), plus the source index of each document (for the mixture). Nothing at all
+    when the shard keeps no text documents; the writer opens on the first one."""
+
+    def __init__(self, out: Path, name: str, tok: Any) -> None:
+        self.dir, self.name, self.tok = out / "work" / "tokens", name, tok
+        self.writer: ShardWriter | None = None
+        self.src: list[int] = []
+
+    def add(self, text: str, src: int) -> None:
+        if self.writer is None:
+            self.writer = ShardWriter(self.dir / f"part-{self.name}", vocab_size=self.tok.vocab_size,
+                                      tokenizer_sha256=self.tok.sha256, bos_id=self.tok.bos_id,
+                                      meta={"created_by": "gemmakit.data.pipeline"}, overwrite=True)  # fmt: skip
+        self.writer.add(self.tok.encode(text, bos=True, eos=True))
+        self.src.append(src)
+
+    def close(self) -> int:
+        if self.writer is None:
+            return 0
+        self.writer.close()
+        with atomic_open(self.dir / f"part-{self.name}.src.npy", "wb") as g:
+            np.save(g, np.asarray(self.src, dtype=np.int32), allow_pickle=False)
+        return self.writer.n_tokens

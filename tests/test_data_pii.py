@@ -103,3 +103,97 @@ def test_policy_drops_sensitive_and_redacts_personal() -> None:
     assert apply_pii_policy("Card 4111 1111 1111 1111, mail anna@example.com", cfg)[1] == "pii_email"
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
     assert iban_ok("GB82 WEST 1234 5698 7654 32") and not iban_ok("GB82 WEST 1234 5698 7654 33")
+
+
+# A harder set: values in awkward surroundings (markup, JSON, URLs, CJK text, line starts and ends,
+# trailing punctuation) and more formats, mixed with look-alike numbers that are not personal data.
+WRAPS = ["{v}", "({v})", "<{v}>", '"{v}",', "[{v}]", "{v};", "{v}!", "\n{v}\n", "tel:{v}", "連絡先:{v}。",
+         "email={v}&x=1", '{{"contact": "{v}"}}', "* {v}", "{v}...", "'{v}'"]  # fmt: skip
+
+
+def _hard_email(rng: random.Random) -> str:
+    user = rng.choice(["Anna.Lee", "j_smith", "o'brien", "first.last+news", "X9", "support-team", "ÉLODIE"])
+    user = user.replace("'", "").replace("É", "E")
+    host = rng.choice(["example.com", "mail.example.co.uk", "sub.dept.uni.edu", "EXAMPLE.ORG", "corp-1.io"])
+    return f"{user}{rng.randint(0, 99)}@{host}"
+
+
+def _hard_phone(rng: random.Random) -> str:
+    a, e, n = (
+        rng.choice(["212", "415", "617", "312", "206", "646"]),
+        rng.randint(201, 989),
+        rng.randint(0, 9999),
+    )
+    e = 556 if e == 555 else e
+    us = [
+        "({a}){e}-{n:04d}",
+        "{a} {e} {n:04d}",
+        "+1-{a}-{e}-{n:04d}",
+        "1 ({a}) {e}-{n:04d}",
+        "+1{a}{e}{n:04d}",
+    ]
+    intl = ["+44 20 7946 {n:04d}", "+49 30 9018 {n:04d}", "+33 1 42 68 {p:02d} {q:02d}", "+91 98765 4{n:04d}",
+            "+81 3-1234-{n:04d}", "+61 2 9876 {n:04d}"]  # fmt: skip
+    fmt = rng.choice(us if rng.random() < 0.6 else intl)
+    return fmt.format(a=a, e=e, n=n, p=n % 100, q=(n // 100) % 100)
+
+
+def _hard_card(rng: random.Random) -> str:
+    prefix, length, groups = rng.choice([("4", 16, (4, 4, 4, 4)), ("5", 16, (4, 4, 4, 4)),
+                                         ("34", 15, (4, 6, 5)), ("37", 15, (4, 6, 5)), ("6011", 16, (4, 4, 4, 4)),
+                                         ("4", 13, (13,)), ("62", 19, (19,))])  # fmt: skip
+    body = prefix + "".join(rng.choice("0123456789") for _ in range(length - len(prefix) - 1))
+    digits = body + next(d for d in "0123456789" if luhn_ok(body + d))
+    sep, out, i = rng.choice(["", " ", "-"]), [], 0
+    for g in groups:
+        out.append(digits[i : i + g])
+        i += g
+    return sep.join(out)
+
+
+def _look_alike(rng: random.Random) -> str:
+    """Numbers and strings that are not personal data but share a detector's shape."""
+    kind = rng.randrange(8)
+    if kind == 0:  # a 16-digit number failing Luhn (9 in 10 random ones do)
+        s = "".join(rng.choice("0123456789") for _ in range(16))
+        return s if not luhn_ok(s) else s[:-1] + str((int(s[-1]) + 1) % 10)
+    if kind == 1:  # a millisecond timestamp
+        return str(rng.randint(1_500_000_000_000, 1_800_000_000_000))
+    if kind == 2:  # a UUID
+        return "-".join("".join(rng.choice("0123456789abcdef") for _ in range(k)) for k in (8, 4, 4, 4, 12))
+    if kind == 3:  # a date and time
+        return f"{rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}/{rng.randint(1990, 2030)} {rng.randint(0, 23)}:00"
+    if kind == 4:  # a version string
+        return f"v{rng.randint(1, 20)}.{rng.randint(0, 99)}.{rng.randint(0, 999)}"
+    if kind == 5:  # a price
+        return f"${rng.randint(1, 999)},{rng.randint(100, 999)}.{rng.randint(10, 99)}"
+    if kind == 6:  # a US-shaped number with an impossible area code
+        return f"{rng.choice(['011', '123', '099'])}-{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}"
+    return f"@{rng.choice(['anna', 'gemma_dev'])} replied at {rng.randint(1, 12)}:{rng.randint(10, 59)}"
+
+
+def test_precision_and_recall_on_a_harder_labelled_set() -> None:
+    rng = random.Random(1)
+    gens = {"email": _hard_email, "phone": _hard_phone, "card": _hard_card}
+    found_kinds, recall, false_pos, n_neg = {}, {}, 0, 0
+    for kind, gen in gens.items():
+        hits = 0
+        for _ in range(300):
+            value = gen(rng)
+            text = f"{rng.choice(FILLER)} {rng.choice(WRAPS).format(v=value)} {rng.choice(FILLER)}"
+            start = text.index(value)
+            found = find_pii(text)
+            hits += any(
+                f.kind == kind and f.start <= start and f.end >= start + len(value) - 1 for f in found
+            )
+            found_kinds[kind] = found_kinds.get(kind, 0) + len(found)
+        recall[kind] = hits / 300
+    for _ in range(600):
+        text = f"{rng.choice(FILLER)} {rng.choice(WRAPS).format(v=_look_alike(rng))} {rng.choice(FILLER)}"
+        n_neg += 1
+        false_pos += bool(find_pii(text))
+    positives = sum(recall[k] * 300 for k in gens)
+    precision = positives / (positives + false_pos)
+    print(f"harder set: recall {recall}, look-alikes flagged {false_pos}/{n_neg}, precision {precision:.3f}")
+    assert min(recall.values()) >= 0.95, recall
+    assert precision >= 0.98 and false_pos / n_neg <= 0.02, (false_pos, n_neg)

@@ -303,3 +303,39 @@ def test_shipped_web_recipe_runs_on_a_synth_corpus(tmp_path) -> None:
     stats = json.loads((out / "stats.json").read_text())
     assert stats["total"]["docs_in"] == 600 and f"kept {stats['total']['kept']:,}" in proc.stdout
     assert stats["decontamination"].get("quiz", 0) >= 1 and Shards.open(out / "tokens").n_docs > 300
+
+
+def test_parquet_and_text_directory_sources(tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"Parquet row {i} mails row{i}@example.com about the plan." for i in range(30)]
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(30)], "body": texts}), tmp_path / "rows.parquet",
+                   row_group_size=7)  # fmt: skip
+    (tmp_path / "notes" / "sub").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "notes" / "sub" / f"n{i}.txt").write_text(
+            f"Note {i}: card 4111 1111 1111 1111." * (i % 2)
+        )
+    (tmp_path / "r.toml").write_text(
+        "[pipeline]\nshards = 2\nworkers = 1\n"
+        '[[source]]\nname = "rows"\npaths = ["rows.parquet"]\ntext_field = "body"\n'
+        '[[source]]\nname = "notes"\npaths = ["notes"]\n'
+        '[[stage]]\nkind = "pii"\n[output]\ntokenizer = "nano"\n'
+    )
+    stats = run(load_recipe(tmp_path / "r.toml"), tmp_path / "out")
+    assert stats["by_source"]["rows"] == {"docs_in": 30, "kept": 30, "malformed": 0, "dropped": {}}
+    # empty files are blank records; the others hold a card and are dropped
+    assert stats["by_source"]["notes"] == {
+        "docs_in": 5,
+        "kept": 0,
+        "malformed": 3,
+        "dropped": {"pii_card": 2},
+    }
+    kept = [
+        json.loads(x)
+        for p in sorted((tmp_path / "out" / "kept").glob("*.jsonl"))
+        for x in p.read_text().splitlines()
+    ]
+    assert sorted(r["id"] for r in kept) == sorted(f"p{i}" for i in range(30))
+    assert all("<EMAIL>" in r["text"] for r in kept) and Shards.open(tmp_path / "out" / "tokens").n_docs == 30

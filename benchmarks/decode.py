@@ -366,6 +366,14 @@ def spawn(system: str, files: dict, args: argparse.Namespace, batch: int = 1) ->
     return None
 
 
+def _write_md(path: Path, body: str) -> None:
+    """This benchmark's section of RESULTS.md; the other benchmarks' sections are kept."""
+    sys.path.insert(0, str(HERE))
+    from results_md import update_section
+
+    update_section(path, "decode", body)
+
+
 def weight_bytes(shape: str, bits: float) -> float:
     from gemmakit.config import get_preset
     from gemmakit.model import param_count
@@ -407,7 +415,7 @@ def report_only(path: Path, args: argparse.Namespace) -> int:
                     _batch_of(name),
                 )
     path.write_text(json.dumps(results, indent=2))
-    Path(args.markdown).write_text(report(results, results["bandwidth_gb_s"], saved) + "\n")
+    _write_md(Path(args.markdown), report(results, results["bandwidth_gb_s"], saved))
     return 0
 
 
@@ -523,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     md = report(results, bandwidth, args)
-    Path(args.markdown).write_text(md + "\n")
+    _write_md(Path(args.markdown), md)
     print(md)
     return 0
 

@@ -25,3 +25,47 @@ def test_bench_generate_runs_and_agrees_with_transformers(tmp_path: Path) -> Non
     }
     assert all(r["same_tokens_as_transformers_eager"] for r in result["results"].values())
     assert result["machine"]["cpus"] >= 1
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_throughput_gemmakit_half_runs(tmp_path: Path) -> None:
+    """The gemmakit half on 300 webgen documents, without datatrove; results JSON and Markdown written."""
+    bench = _load("data_throughput")
+    out, md = tmp_path / "r.json", tmp_path / "RESULTS.md"
+    md.write_text("# Decode benchmark results\n\n| a | b |\n")
+    args = ["--docs", "300", "--workers", "1", "--skip-datatrove", "--work", str(tmp_path / "work"),
+            "--out", str(out), "--markdown", str(md)]  # fmt: skip
+    assert bench.main(args) == 0
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"gemmakit x1"}
+    row = result["rows"]["gemmakit x1"]
+    assert row["docs_in"] == 300 == sum(result["corpus_kinds"].values())
+    assert row["kept"] + row["dedup_removed"] == row["after_quality"] < 300
+    assert row["dedup_removed"] > 0  # webgen plants exact and near duplicates of earlier prose
+    assert sum(row["kept_by_kind"].values()) == row["kept"]
+    assert not any(row["kept_by_kind"].get(k) for k in ("short", "symbols", "repetitive"))
+    assert row["docs_s_per_core"] == row["docs_s"] == 300 / row["wall_s"]
+    assert result["machine"]["cores"] >= 1 and "datatrove" in result["machine"]
+    text = md.read_text()
+    assert text.startswith("# Decode benchmark results\n\n| a | b |\n") and "| gemmakit | 1 |" in text
+    assert not (tmp_path / "work" / "runs").exists()  # run directories removed unless --keep
+
+
+def test_results_sections_replaced_not_duplicated(tmp_path: Path) -> None:
+    results_md = _load("results_md")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Intro\n\ntable\n")
+    results_md.update_section(md, "data_throughput", "## Data\n\nfirst")
+    results_md.update_section(md, "decode", "## Decode\n\nd1")
+    results_md.update_section(md, "data_throughput", "## Data\n\nsecond")
+    results_md.update_section(md, "decode", "## Decode\n\nd2")
+    text = md.read_text()
+    assert text.startswith("# Intro\n\ntable\n") and "second" in text and "d2" in text
+    assert "first" not in text and "d1" not in text
+    assert text.count("<!-- data_throughput:start -->") == text.count("<!-- decode:end -->") == 1

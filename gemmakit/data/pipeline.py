@@ -43,7 +43,8 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -181,7 +182,11 @@ def _shard_task(recipe: DataRecipe, out: str, step_i: int, shard: int, units: li
 Runner = Callable[[list[tuple[int, list[Unit]]], int], dict[int, str]]
 
 
-def _local_runner(recipe: DataRecipe, out: Path, workers: int) -> Runner:
+def _local_runner(recipe: DataRecipe, out: Path, workers: int, stack: ExitStack) -> Runner:
+    """Units in-process (one worker) or in one pool of spawned processes kept for the whole run: a spawn
+    worker costs ~0.5 s to start and load the filters' models, paid once, not once per segment."""
+    pools: list[ProcessPoolExecutor] = []
+
     def run_step(todo: list[tuple[int, list[Unit]]], step_i: int) -> dict[int, str]:
         errors: dict[int, str] = {}
         if workers == 1 or len(todo) == 1:
@@ -191,16 +196,20 @@ def _local_runner(recipe: DataRecipe, out: Path, workers: int) -> Runner:
                 except (SourceError, OSError, ValueError) as e:
                     errors[shard] = str(e)
             return errors
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)), mp_context=get_context("spawn")
-        ) as pool:
-            futures = {shard: pool.submit(_shard_task, recipe, str(out), step_i, shard, units)
-                       for shard, units in todo}  # fmt: skip
-            for shard, fut in futures.items():
-                try:
-                    fut.result()
-                except (SourceError, OSError, ValueError) as e:
-                    errors[shard] = str(e)
+        if not pools:
+            size = min(workers, recipe.pipeline.shards)
+            pools.append(
+                stack.enter_context(ProcessPoolExecutor(max_workers=size, mp_context=get_context("spawn")))
+            )
+        futures = {shard: pools[0].submit(_shard_task, recipe, str(out), step_i, shard, units)
+                   for shard, units in todo}  # fmt: skip
+        for shard, fut in futures.items():
+            try:
+                fut.result()
+            except (SourceError, OSError, ValueError) as e:
+                errors[shard] = str(e)
+            except BrokenProcessPool:  # a worker was killed (the OOM killer?); a rerun redoes its shards
+                errors[shard] = "its worker process died (out of memory?); rerun to redo it"
         return errors
 
     return run_step
@@ -287,14 +296,21 @@ def run(recipe: DataRecipe, out: str | Path, *, executor: str = "local", workers
 
 def _run_steps(recipe: DataRecipe, out: Path, units: list[list[Unit]], executor: str, workers: int | None,
                ray_address: str | None) -> dict[str, Any]:  # fmt: skip
-    from gemmakit.data.finalize import finalize
-
     if _marker(out, "final").exists():
         log.info("%s: already complete; nothing to do", out)
         return json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    with ExitStack() as stack:
+        runner = (_ray_runner(recipe, out, ray_address) if executor == "ray"
+                  else _local_runner(recipe, out, workers or recipe.pipeline.workers, stack))  # fmt: skip
+        _steps_loop(recipe, out, units, runner)
+    fsync_path(out)
+    return json.loads((out / "stats.json").read_text(encoding="utf-8"))
+
+
+def _steps_loop(recipe: DataRecipe, out: Path, units: list[list[Unit]], runner: Runner) -> None:
+    from gemmakit.data.finalize import finalize
+
     n = recipe.pipeline.shards
-    runner = (_ray_runner(recipe, out, ray_address) if executor == "ray"
-              else _local_runner(recipe, out, workers or recipe.pipeline.workers))  # fmt: skip
     steps = steps_of(recipe)
     for i, step in enumerate(steps):
         if step.kind == "segment":
@@ -312,5 +328,3 @@ def _run_steps(recipe: DataRecipe, out: Path, units: list[list[Unit]], executor:
             else:
                 finalize(recipe, out, steps)
             _mark(_marker(out, step.name))
-    fsync_path(out)
-    return json.loads((out / "stats.json").read_text(encoding="utf-8"))

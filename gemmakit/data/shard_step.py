@@ -35,6 +35,7 @@ from gemmakit.data.shards import ShardWriter
 from gemmakit.data.sources import Doc, Quarantine, SourceStats, read_source
 from gemmakit.fsio import atomic_open, write_json
 
+SIG_BATCH = 4096  # texts held for one vectorised signature call (~10 MB of text, not the whole shard)
 EXAMPLE_CHARS = 300  # a removed document's first and last characters kept for the report
 
 
@@ -171,7 +172,8 @@ def run_segment(recipe: DataRecipe, out: Path, seg: int, stages: list[Stage], sh
         prev = out / "work" / f"seg{seg - 1}"
         mask = np.load(out / "work" / f"dedup{seg - 1}" / f"dropped-{name}.npy", allow_pickle=False)
         docs = _work_docs(prev / f"part-{name}.jsonl", mask, prev_dedup.method, stats, recipe)
-    survivors: list[str] = []  # texts, for signatures
+    pending: list[str] = []  # survivors' texts awaiting signatures, at most SIG_BATCH of them
+    sigs: list[np.ndarray] = []
     tokens = _TokenPart(out, name, _tokenizer(recipe)) if last and recipe.output.tokenizer else None
     target = out / "kept" / f"part-{name}.jsonl" if last else work / f"part-{name}.jsonl"
     with atomic_open(target) as f:
@@ -198,13 +200,17 @@ def run_segment(recipe: DataRecipe, out: Path, seg: int, stages: list[Stage], sh
                 else:
                     rec = {"id": doc.id, "src": src_idx, "text": doc.text, "meta": doc.meta}
                     f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-                    survivors.append(doc.text)
+                    if next_dedup is not None:
+                        pending.append(doc.text)
+                        if len(pending) == SIG_BATCH:
+                            sigs.append(dedup.signatures(pending, next_dedup))
+                            pending = []
     if seg == 0:
         quarantine.close()
     if next_dedup is not None:
-        sigs = dedup.signatures(survivors, next_dedup)
+        sigs.append(dedup.signatures(pending, next_dedup))  # signatures do not depend on the batching
         with atomic_open(work / f"sig-{name}.npy", "wb") as g:
-            np.save(g, sigs, allow_pickle=False)
+            np.save(g, np.concatenate(sigs), allow_pickle=False)
     if tokens is not None:
         stats.tokens = tokens.close()
     result = {"shard": shard, "segment": seg, **stats.as_dict()}

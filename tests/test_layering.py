@@ -30,6 +30,7 @@ RANK = {
     "cli": 9,
     "cli_train": 8,
     "cli_data": 8,
+    "cli_eval": 8,
     "__init__": 10,
 }
 CORE_FORBIDDEN = {"transformers", "fastapi", "ray", "jinja2", "uvicorn", "gguf"}

@@ -358,15 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_info)
 
-    from gemmakit import cli_data, cli_train
+    from gemmakit import cli_data, cli_eval, cli_train
 
     cli_train.add_parsers(sub)
     cli_data.add_parsers(sub)
+    cli_eval.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemmakit import cli_data, cli_train
+    from gemmakit import cli_data, cli_eval, cli_train
     from gemmakit.chat import ChatError
     from gemmakit.checkpoint import CheckpointError
     from gemmakit.config import ConfigError
@@ -376,7 +377,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from gemmakit.tokenizer import TokenizerError
 
     return (UsageError, ConfigError, CheckpointError, TokenizerError, ChatError, GenerationError, GGUFError,
-            QuantError, *cli_train.user_errors(), *cli_data.user_errors())  # fmt: skip
+            QuantError, *cli_train.user_errors(), *cli_data.user_errors(),
+            *cli_eval.user_errors())  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,168 @@
+"""The evaluation side of the command line: `gemmakit eval`.
+
+Where it sits: a thin entry point registered by `cli` (which hands it its model-loading helpers, so
+this module never imports `cli`); the work is `gemmakit.eval.runner.evaluate`. It prints a progress bar
+on stderr while requests are answered and a summary table at the end.
+
+Key trade-off: progress is counted in requests, fed to the model in slices of `PROGRESS_SLICE`, so the
+bar moves during a long task; slicing gives the adapter smaller batches to sort by length, which costs
+a little padding efficiency and nothing else (each request's score does not depend on its batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROGRESS_SLICE = 256  # requests per adapter call while showing progress
+
+
+class _Progress:
+    """Wraps an LM: the same answers, with a request counter drawn on stderr."""
+
+    def __init__(self, lm: Any, stream: Any = sys.stderr) -> None:
+        self.lm, self.stream, self.name = lm, stream, getattr(lm, "name", type(lm).__name__)
+        self.task, self.done, self.total, self.start = "", 0, 0, time.perf_counter()
+
+    def begin(self, task: str) -> None:
+        self.task, self.done, self.total, self.start = task, 0, 0, time.perf_counter()
+
+    def _draw(self) -> None:
+        if not self.stream.isatty() and self.done < self.total:
+            return  # in a log file, only the final line of each call
+        frac = self.done / max(self.total, 1)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        end = "\n" if self.done >= self.total else ""
+        self.stream.write(f"\r{self.task:<16} [{bar}] {self.done}/{self.total} requests {rate:.1f}/s{end}")
+        self.stream.flush()
+
+    def _sliced(self, fn: Callable[[Sequence[Any]], list[Any]], requests: Sequence[Any]) -> list[Any]:
+        self.done, self.total = 0, len(requests)
+        out: list[Any] = []
+        for i in range(0, len(requests), PROGRESS_SLICE):
+            out += fn(requests[i : i + PROGRESS_SLICE])
+            self.done = len(out)
+            self._draw()
+        return out
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[Any]:
+        return self._sliced(self.lm.loglikelihood, requests)
+
+    def loglikelihood_rolling(self, requests: Sequence[Any]) -> list[Any]:
+        return self._sliced(self.lm.loglikelihood_rolling, requests)
+
+    def generate_until(self, requests: Sequence[Any]) -> list[Any]:
+        return self._sliced(self.lm.generate_until, requests)
+
+    def token_count(self, text: str) -> int:
+        return self.lm.token_count(text)
+
+
+def match_preset(config: Any) -> str | None:
+    """The first preset with exactly this shape (for published numbers), or None."""
+    from gemmakit.config import PRESETS
+
+    for name, preset in PRESETS.items():
+        if preset == config or (name != "tiny" and _same_shape(preset, config)):
+            return name
+    return None
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    keys = ("generation", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size")
+    return all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
+
+
+def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    from gemmakit.eval.lm import GemmaLM
+    from gemmakit.eval.lm_http import OpenAICompatibleLM
+    from gemmakit.eval.report import write_report
+    from gemmakit.eval.runner import evaluate, model_info
+    from gemmakit.eval.tasks import EvalError
+
+    if args.report:
+        print(write_report(Path(args.report)))
+        return 0
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.memorization:
+        return _memorization(args, load)
+    if not tasks:
+        raise EvalError(
+            "--tasks: give at least one task (e.g. arc_easy,gsm8k or ppl:FILE), or --memorization"
+        )
+    if args.endpoint:
+        lm: Any = OpenAICompatibleLM(args.endpoint, args.endpoint_model or "default")
+        info = {"endpoint": args.endpoint, "model": args.endpoint_model}
+    else:
+        model, tokenizer = load(args)
+        lm = GemmaLM(model, tokenizer, batch_size=args.batch_size)
+        info = model_info(args.model, args.preset or match_preset(model.config))
+    progress = _Progress(lm)
+    out = Path(args.out or Path("eval-runs") / time.strftime("%Y%m%d-%H%M%S"))
+    results = evaluate(progress, tasks, protocol=args.protocol, data_dir=args.data_dir, out=out,
+                       limit=args.limit, model=info, on_task_start=progress.begin)  # fmt: skip
+    print(f"\n{'task':<18} {'metric':<16} {'score':>8} {'stderr':>8} {'n':>6}")
+    for name, e in results["tasks"].items():
+        scale = 1 if e["kind"] == "perplexity" else 100
+        err = e["stderr"].get(e["metric"])
+        print(f"{name[:18]:<18} {e['metric'][:16]:<16} {scale * e['value']:>8.2f} "
+              f"{(scale * err if err is not None else float('nan')):>8.2f} {e['n']:>6}")  # fmt: skip
+    print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
+    return 0
+
+
+def _memorization(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
+    """The report's memorization test on token shards or a data run: memorization.json and .md."""
+    from gemmakit.eval.memorization import memorization
+    from gemmakit.fsio import atomic_open, write_json
+
+    model, tokenizer = load(args)
+    result = memorization(model, args.memorization, per_source=args.per_source, tokenizer=tokenizer,
+                          batch_size=args.batch_size)  # fmt: skip
+    out = Path(args.out or Path("eval-runs") / time.strftime("%Y%m%d-%H%M%S"))
+    write_json(out / "memorization.json", result.as_dict())
+    md = result.to_markdown()
+    with atomic_open(out / "memorization.md") as f:
+        f.write(md + "\n")
+    print(md)
+    print(f"results: {out / 'memorization.json'}")
+    return 0
+
+
+def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],
+                load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> None:  # fmt: skip
+    p = sub.add_parser("eval", help="benchmarks under the Gemma reports' protocols (results.json + report)",
+                       description="Evaluate a model on benchmarks read from local dataset files "
+                                   "(--data-dir, upstream layouts), or perplexity on any text set "
+                                   "(--tasks ppl:FILE).")  # fmt: skip
+    add_model_args(p)
+    p.add_argument("--tasks", help="comma-separated task names (e.g. arc_easy,hellaswag,gsm8k) or ppl:PATH")
+    p.add_argument("--protocol", default="lm-eval", help="gemma1, gemma2, gemma3 or lm-eval (default)")
+    p.add_argument("--data-dir", default="eval-data", help="directory holding the datasets' files")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    p.add_argument("--out", help="output directory (default: eval-runs/<timestamp>)")
+    p.add_argument("--endpoint", help="evaluate an OpenAI-compatible server instead (base URL, e.g. "
+                   "http://127.0.0.1:8000/v1)")  # fmt: skip
+    p.add_argument("--endpoint-model", help="the model name to send to --endpoint")
+    p.add_argument("--memorization", metavar="SHARDS",
+                   help="run the memorization test on a token-shard directory or a `gemmakit data run` output")  # fmt: skip
+    p.add_argument("--per-source", type=int, default=10_000,
+                   help="documents sampled per source for --memorization (default 10000, as the report)")  # fmt: skip
+    p.add_argument("--report", metavar="DIR", help="only re-render DIR/report.md from DIR/results.json")
+    p.set_defaults(func=lambda args: cmd_eval(args, load))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from gemmakit.eval.execution import ExecutionRefused
+    from gemmakit.eval.humaneval import HumanEvalError
+    from gemmakit.eval.lm import LMError
+    from gemmakit.eval.memorization import MemorizationError
+    from gemmakit.eval.tasks import EvalError
+
+    return (EvalError, LMError, MemorizationError, ExecutionRefused, HumanEvalError)

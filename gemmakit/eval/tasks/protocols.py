@@ -1,0 +1,95 @@
+"""Protocol presets: per task, how many few-shot examples and which metric is the headline number.
+
+Where it sits: `tasks.run.run_task(task, lm, data_dir, protocol)` looks the task up here; the tasks
+themselves know only lm-eval's defaults. Sources: shared/reference/ecosystem-evaluation-safety.md
+§3.2 (Gemma 1 report Table 6, Gemma 2 and Gemma 3 model cards). "lm-eval" means lm-evaluation-harness
+0.4.13's own defaults for every task (its YAML's num_fewshot), which the agreement test relies on.
+
+Key trade-off: explicit tables, no inheritance between generations, so every reported number traces
+to one row here, at the price of repeated rows. Where a report leaves the shot count unstated ("n/s")
+we use lm-eval's default and say so in the row's note; the headline metric is never stated in the
+reports (acc vs acc_norm), so it follows lm-eval / Open LLM Leaderboard conventions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from gemmakit.eval.tasks.base import EvalError, Task
+
+
+@dataclass(frozen=True)
+class TaskProtocol:
+    num_fewshot: int  # examples before the evaluated question
+    metric: str  # the headline metric, a key of the task's `metrics`
+    note: str = ""  # the source of these settings, or what the report leaves unstated
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str  # "gemma1", "gemma2", "gemma3" or "lm-eval"
+    tasks: Mapping[str, TaskProtocol] = field(default_factory=dict)  # task name -> settings
+    task_defaults: bool = False  # tasks not in `tasks` use their lm-eval defaults instead of an error
+    fewshot_seed: int = 1234  # lm-eval's default fewshot_random_seed: one random.Random per task run
+    max_gen_tokens: int | None = None  # overrides every generative task's budget (None: lm-eval's 256)
+
+    def for_task(self, task: Task) -> TaskProtocol:
+        """The settings for `task`; EvalError if this protocol does not cover it."""
+        if task.name in self.tasks:
+            return self.tasks[task.name]
+        if self.task_defaults:
+            return TaskProtocol(task.default_fewshot, task.primary_metric, "lm-eval 0.4.13 default")
+        covered = ", ".join(sorted(self.tasks))
+        raise EvalError(f"protocol {self.name!r} has no settings for task {task.name!r}; it covers {covered}")
+
+
+NS = "shots not stated in the report; lm-eval default"
+
+
+def _table(rows: dict[str, tuple[int, str, str]]) -> Mapping[str, TaskProtocol]:
+    return MappingProxyType({task: TaskProtocol(*row) for task, row in rows.items()})
+
+
+# fmt: off
+PROTOCOLS: dict[str, Protocol] = {
+    # Gemma 1 report, Table 6. ARC: "Mistral methodology" (0-shot per the Mistral paper, unverified).
+    "gemma1": Protocol("gemma1", _table({
+        "arc_easy": (0, "acc_norm", "n/s (Mistral methodology); " + NS),
+        "arc_challenge": (0, "acc_norm", "n/s (Mistral methodology); " + NS),
+        "hellaswag": (0, "acc_norm", "0-shot"),
+        "winogrande": (0, "acc", "partial scoring; " + NS),
+        "boolq": (0, "acc", "0-shot"),
+        "gsm8k": (5, "exact_match_strict", "maj@1 = one greedy answer; " + NS),
+    })),
+    # Gemma 2 model card.
+    "gemma2": Protocol("gemma2", _table({
+        "arc_easy": (0, "acc_norm", "0-shot"),
+        "arc_challenge": (25, "acc_norm", "25-shot"),
+        "hellaswag": (10, "acc_norm", "10-shot"),
+        "winogrande": (0, "acc", "partial score; " + NS),
+        "boolq": (0, "acc", "0-shot"),
+        "gsm8k": (5, "exact_match_strict", "5-shot maj@1"),
+    })),
+    # Gemma 3 model card. GSM8K 8-shot is probably chain-of-thought with fixed exemplars (lm-eval's
+    # gsm8k_cot); the card does not say, so this samples 8 training examples in the gsm8k format.
+    "gemma3": Protocol("gemma3", _table({
+        "arc_easy": (0, "acc_norm", "0-shot"),
+        "arc_challenge": (25, "acc_norm", "25-shot"),
+        "hellaswag": (10, "acc_norm", "10-shot"),
+        "winogrande": (5, "acc", "5-shot, partial scoring"),
+        "boolq": (0, "acc", "0-shot"),
+        "gsm8k": (8, "exact_match_strict", "8-shot (CoT not stated)"),
+    })),
+    "lm-eval": Protocol("lm-eval", task_defaults=True),
+}
+# fmt: on
+
+
+def get_protocol(name: str) -> Protocol:
+    """The preset called `name`; EvalError listing the valid names otherwise."""
+    try:
+        return PROTOCOLS[name]
+    except (KeyError, TypeError):
+        raise EvalError(f"unknown protocol {name!r}; expected one of {sorted(PROTOCOLS)}") from None

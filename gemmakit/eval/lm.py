@@ -35,6 +35,7 @@ padding change float32 summation order, so a log-likelihood depends on its batch
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -270,6 +271,7 @@ class GemmaLM(LM):
     # ---- generation -----------------------------------------------------------------------------
 
     def generate_until(self, requests: Sequence[GenerateRequest]) -> list[str]:
+        requests = [self._fit(r, i) for i, r in enumerate(requests)]
         prompts = []
         for i, request in enumerate(requests):
             check_max_tokens(request, i, self.max_length)
@@ -287,6 +289,18 @@ class GemmaLM(LM):
                 results[i] = text
             start += len(chunk)
         return results
+
+    def _fit(self, request: GenerateRequest, index: int) -> GenerateRequest:
+        """A budget of max_length or more (HumanEval's 1024 on a 1024-token model) cannot leave room for
+        the prompt; lm-eval would slice the prompt to nothing. Here the prompt keeps up to half the
+        context and the budget is the rest, with a warning; budgets that fit are left as they are."""
+        n = request.max_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < self.max_length:
+            return request
+        keep = min(len(self.tokenizer.encode(request.prompt)), self.max_length // 2)
+        logger.warning("generate request %d asks for %d new tokens; the model's context is %d tokens, so it "
+                       "gets %d", index, n, self.max_length, self.max_length - keep)  # fmt: skip
+        return dataclasses.replace(request, max_tokens=self.max_length - keep)
 
     def _generate_batch(
         self, prompts: list[list[int]], max_tokens: int, stops: list[tuple[str, ...]]

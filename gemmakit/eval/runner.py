@@ -16,6 +16,7 @@ a few seconds slower for it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,7 +66,7 @@ def model_info(model_dir: str | Path | None, preset: str | None = None) -> dict[
 
 
 def _task_entry(name: str, lm: LM, data_dir: Path, protocol: str, limit: int | None,
-                samples_dir: Path) -> dict[str, Any]:  # fmt: skip
+                samples_dir: Path, allow_unsafe_code: bool) -> dict[str, Any]:  # fmt: skip
     if name.startswith(PPL_PREFIX):
         path = Path(name[len(PPL_PREFIX) :])
         texts = read_texts(path, limit=limit)
@@ -77,6 +78,8 @@ def _task_entry(name: str, lm: LM, data_dir: Path, protocol: str, limit: int | N
                 "n": result["docs"], "metrics": result, "stderr": {}, "protocol": None, "num_fewshot": 0,
                 "data_sha256": {str(p): _sha256(p) for p in data}}  # fmt: skip
     task = get_task(name)
+    if allow_unsafe_code and hasattr(task, "code_execution"):  # HumanEval, MBPP: the user's explicit choice
+        task.code_execution = dataclasses.replace(task.code_execution, allow_unsafe=True)
     res = run_task(task, lm, data_dir, protocol, limit)
     with atomic_open(samples_dir / f"{name}.jsonl") as f:
         for s in res.samples:
@@ -91,9 +94,12 @@ def _task_entry(name: str, lm: LM, data_dir: Path, protocol: str, limit: int | N
 
 def evaluate(lm: LM, tasks: Sequence[str], *, protocol: str, data_dir: str | Path, out: str | Path,
              limit: int | None = None, model: dict[str, Any] | None = None,
-             on_task_start: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+             on_task_start: Callable[[str], None] | None = None,
+             allow_unsafe_code: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run every task, write out/results.json, out/samples/ and the report; returns the results.
-    `on_task_start(name)` is called before each task (the CLI labels its progress bar with it)."""
+    `on_task_start(name)` is called before each task (the CLI labels its progress bar with it).
+    `allow_unsafe_code` lets code tasks run model-written programs where no sandbox is available
+    (`eval.execution`: otherwise they refuse before generating anything)."""
     from gemmakit.eval.report import write_report
 
     get_protocol(protocol)  # an unknown protocol fails before any model call
@@ -108,7 +114,7 @@ def evaluate(lm: LM, tasks: Sequence[str], *, protocol: str, data_dir: str | Pat
         if on_task_start is not None:
             on_task_start(name)
         start = time.perf_counter()
-        entry = _task_entry(name, lm, data_dir, protocol, limit, out / "samples")
+        entry = _task_entry(name, lm, data_dir, protocol, limit, out / "samples", allow_unsafe_code)
         entry["seconds"] = round(time.perf_counter() - start, 3)
         results["tasks"][name] = entry
         log.info("%s: %s = %.4f (n=%d)", name, entry["metric"], entry["value"], entry["n"])

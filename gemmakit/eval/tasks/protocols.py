@@ -70,6 +70,10 @@ PROTOCOLS: dict[str, Protocol] = {
         "triviaqa": (5, "exact_match", "5-shot"),
         "nq_open": (5, "exact_match", "5-shot"),
         "agieval": (0, "acc", "n/s (Mistral methodology: 3-5-shot English MC, unverified); " + NS),
+        "humaneval": (0, "pass@1", "pass@1, one greedy sample; " + NS),
+        "mbpp": (3, "pass@1", "3-shot"),
+        "math": (4, "exact_match", "4-shot (Minerva prompt and answer check)"),
+        "bbh": (3, "exact_match", "n/s (Mistral methodology: 3-shot, CoT unverified); lm-eval's 3-shot CoT; " + NS),
     })),
     # Gemma 2 model card.
     "gemma2": Protocol("gemma2", _table({
@@ -85,6 +89,10 @@ PROTOCOLS: dict[str, Protocol] = {
         "triviaqa": (5, "exact_match", "5-shot"),
         "nq_open": (5, "exact_match", "5-shot"),
         "agieval": (3, "acc", "3-5-shot; 3 fixed same-subset examples (ours: lm-eval cannot few-shot AGIEval)"),
+        "humaneval": (0, "pass@1", "pass@1; " + NS),
+        "mbpp": (3, "pass@1", "3-shot"),
+        "math": (4, "exact_match", "4-shot (Minerva)"),
+        "bbh": (3, "exact_match", "\"BIG-Bench\" 3-shot CoT"),
     })),
     # Gemma 3 model card. GSM8K 8-shot is probably chain-of-thought with fixed exemplars (lm-eval's
     # gsm8k_cot); the card does not say, so this samples 8 training examples in the gsm8k format.
@@ -101,6 +109,10 @@ PROTOCOLS: dict[str, Protocol] = {
         "triviaqa": (5, "exact_match", "5-shot"),
         "nq_open": (5, "exact_match", "5-shot"),
         "agieval": (3, "acc", "3-5-shot; 3 fixed same-subset examples (ours: lm-eval cannot few-shot AGIEval)"),
+        "humaneval": (0, "pass@1", "0-shot"),
+        "mbpp": (3, "pass@1", "3-shot"),
+        "math": (4, "exact_match", "4-shot (Minerva)"),
+        "bbh": (3, "exact_match", "few-shot (count not stated); lm-eval's 3-shot CoT"),
     })),
     "lm-eval": Protocol("lm-eval", task_defaults=True),
 }

@@ -26,6 +26,10 @@ TASKS: dict[str, str] = {
     "agieval": "gemmakit.eval.tasks.agieval:AGIEval",
     "triviaqa": "gemmakit.eval.tasks.closed_book:TriviaQA",
     "nq_open": "gemmakit.eval.tasks.closed_book:NQOpen",
+    "humaneval": "gemmakit.eval.tasks.coding:HumanEval",
+    "mbpp": "gemmakit.eval.tasks.coding:MBPP",
+    "math": "gemmakit.eval.tasks.minerva_math:MinervaMath",
+    "bbh": "gemmakit.eval.tasks.bbh:BBH",
 }
 
 

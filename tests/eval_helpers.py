@@ -8,23 +8,79 @@ samples written in the upstream file layouts, and a real OpenAI-compatible HTTP 
   allenai/ai2_arc, Rowan/hellaswag, allenai/winogrande, openai/gsm8k and aps/super_glue.
 - `CompletionsServer`: /v1/completions over http.server in a thread, answering from a gemmakit
   model with a plain one-sequence forward (no batching, no GemmaLM code), for the HTTP adapter test.
+- Shared plumbing: `hflm` / `lmeval_evaluate` (lm-eval's side of every agreement test, run the same
+  way), `intra_op_threads` (the one-thread setting of the model tests), `one_line_error`, and the
+  sample writers' `random_words` / `write_parquet` (also used by eval_samples_mc/_gen).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from spm_helpers import train_gemma_spm
 
+from gemmakit.eval.tasks import EvalError
 from gemmakit.tokenizer import Tokenizer
 
 VOCAB = 640  # the SentencePiece model's size (spm_helpers default)
+
+# ---- shared test plumbing -------------------------------------------------------------------------
+
+
+def one_line_error(call: Callable[[], object], *words: str) -> str:
+    """The message of the EvalError `call()` raises, asserted to be one line holding every one of `words`."""
+    with pytest.raises(EvalError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    return message
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int = 1) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block. The tests' models want 1: 64-wide
+    matrices gain nothing from threads, and with other processes on the 2 cores the thread hand-offs
+    made GemmaLM's side of the agreement run 30x slower (measured: 1.3 s with 1 thread, 40 s with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def hflm(hf_dir: Path, **kwargs):
+    """lm-eval's HFLM on a saved model as every agreement test runs it: CPU, float32, batch size 1, eager
+    attention (`kwargs`: other HFLM options, e.g. max_length)."""
+    from lm_eval.models.huggingface import HFLM
+
+    kwargs.update(device="cpu", dtype="float32", batch_size=1, attn_implementation="eager")
+    return HFLM(pretrained=str(hf_dir), **kwargs)
+
+
+def lmeval_evaluate(hf_dir: Path, yaml_dir: Path, tasks: list[str]) -> dict:
+    """lm-eval's simple_evaluate of `tasks` (YAMLs in yaml_dir; none of its own) on `hflm(hf_dir)`, with
+    per-sample logs."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(
+        model=hflm(hf_dir),
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(yaml_dir), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=1,  # > 0 so mean metrics get their closed-form stderr (no bootstrap for means)
+    )
+
 
 # ---- the model ----------------------------------------------------------------------------------
 
@@ -79,11 +135,13 @@ WORDS = _WORDS_TEXT.split()
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
 
 
-def _words(rng: random.Random, lo: int, hi: int) -> str:
+def random_words(rng: random.Random, lo: int, hi: int) -> str:
+    """lo to hi words drawn from WORDS, space-separated."""
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
 
-def _write(path: Path, rows: list[dict]) -> None:
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    """`rows` as one Parquet file at `path` (parent folders made), as the upstream repositories hold them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -94,20 +152,18 @@ def _write(path: Path, rows: list[dict]) -> None:
 def _arc(rng: random.Random, i: int) -> dict:
     n = rng.choice([3, 4, 4, 5])
     labels = list("ABCDE"[:n]) if rng.random() < 0.8 else [str(k + 1) for k in range(n)]
-    return {"id": f"Mercury_{i}", "question": _words(rng, 4, 10).capitalize() + "?",
-            "choices": {"text": [_words(rng, 1, 4) for _ in range(n)], "label": labels},
+    return {"id": f"Mercury_{i}", "question": random_words(rng, 4, 10).capitalize() + "?",
+            "choices": {"text": [random_words(rng, 1, 4) for _ in range(n)], "label": labels},
             "answerKey": rng.choice(labels)}  # fmt: skip
 
 
 def _hellaswag(rng: random.Random, i: int, split: str) -> dict:
-    ctx_a = _words(rng, 4, 9).capitalize() + "."
-    ctx_b = _words(rng, 0, 3) if rng.random() < 0.8 else ""
+    ctx_a = random_words(rng, 4, 9).capitalize() + "."
+    ctx_b = random_words(rng, 0, 3) if rng.random() < 0.8 else ""
     endings = []
     for _ in range(4):  # WikiHow artefacts and double spaces exercise lm-eval's cleanup
-        e = _words(rng, 2, 7)
-        e = rng.choice(
-            [e, e + " [title] " + _words(rng, 1, 3), "[header] " + e, e + "  " + _words(rng, 1, 2)]
-        )
+        e, title, tail = random_words(rng, 2, 7), random_words(rng, 1, 3), random_words(rng, 1, 2)
+        e = rng.choice([e, e + " [title] " + title, "[header] " + e, e + "  " + tail])
         endings.append(e + rng.choice([".", "", " ."]))
     source = f"wikihow~{i}" if rng.random() < 0.5 else f"activitynet~v_{i}"
     return {"ind": i, "activity_label": rng.choice(WORDS).capitalize(), "ctx_a": ctx_a, "ctx_b": ctx_b,
@@ -118,23 +174,24 @@ def _hellaswag(rng: random.Random, i: int, split: str) -> dict:
 
 def _winogrande(rng: random.Random, split: str) -> dict:
     a, b = rng.sample(NAMES, 2)
-    tail = rng.choice([" " + _words(rng, 2, 6) + ".", ".", " " + _words(rng, 1, 3) + "!"])
-    sentence = f"{a} {_words(rng, 2, 6)} {b} because _{tail}"
+    tail = rng.choice([" " + random_words(rng, 2, 6) + ".", ".", " " + random_words(rng, 1, 3) + "!"])
+    sentence = f"{a} {random_words(rng, 2, 6)} {b} because _{tail}"
     return {"sentence": sentence, "option1": a, "option2": b,
             "answer": rng.choice(["1", "2"]) if split != "test" else ""}  # fmt: skip
 
 
 def _gsm8k(rng: random.Random) -> dict:
     x, y = rng.randint(1, 9), rng.randint(1, 9)
-    steps = f"{_words(rng, 2, 5)} {x} + {y} = <<{x}+{y}={x + y}>>{x + y}.\n{_words(rng, 1, 3)} {x + y}."
+    lead, tail = random_words(rng, 2, 5), random_words(rng, 1, 3)
+    steps = f"{lead} {x} + {y} = <<{x}+{y}={x + y}>>{x + y}.\n{tail} {x + y}."
     answer = rng.choice([str(x + y), f"{x + y},000", f"${x + y}"])
-    return {"question": f"{_words(rng, 3, 8).capitalize()} {x} {_words(rng, 1, 3)} {y}?",
+    return {"question": f"{random_words(rng, 3, 8).capitalize()} {x} {random_words(rng, 1, 3)} {y}?",
             "answer": f"{steps}\n#### {answer}"}  # fmt: skip
 
 
 def _boolq(rng: random.Random, i: int, split: str) -> dict:
-    return {"question": _words(rng, 3, 7), "passage": _words(rng, 10, 25).capitalize() + ".", "idx": i,
-            "label": rng.randrange(2) if split != "test" else -1}  # fmt: skip
+    return {"question": random_words(rng, 3, 7), "passage": random_words(rng, 10, 25).capitalize() + ".",
+            "idx": i, "label": rng.randrange(2) if split != "test" else -1}  # fmt: skip
 
 
 SAMPLE_SIZES = {"train": 12, "validation": 20, "test": 20}
@@ -146,17 +203,17 @@ def write_samples(data_dir: Path, seed: int = 0) -> None:
     for split, n in SAMPLE_SIZES.items():
         name = f"{split}-00000-of-00001.parquet"
         for config in ("ARC-Easy", "ARC-Challenge"):
-            _write(data_dir / "allenai/ai2_arc" / config / name, [_arc(rng, i) for i in range(n)])
-        _write(data_dir / "Rowan/hellaswag/data" / name, [_hellaswag(rng, i, split) for i in range(n)])
-        _write(
+            write_parquet(data_dir / "allenai/ai2_arc" / config / name, [_arc(rng, i) for i in range(n)])
+        write_parquet(data_dir / "Rowan/hellaswag/data" / name, [_hellaswag(rng, i, split) for i in range(n)])
+        write_parquet(
             data_dir / "allenai/winogrande/winogrande_xl" / name, [_winogrande(rng, split) for _ in range(n)]
         )
         boolq = [_boolq(rng, i, split) for i in range(n)]
         if split == "train":  # an evaluated document in the few-shot pool: lm-eval's sampler drops it
             boolq[3] = _boolq(random.Random(seed), 0, "validation")
-        _write(data_dir / "aps/super_glue/boolq" / name, boolq)
+        write_parquet(data_dir / "aps/super_glue/boolq" / name, boolq)
         if split != "validation":
-            _write(data_dir / "openai/gsm8k/main" / name, [_gsm8k(rng) for _ in range(n)])
+            write_parquet(data_dir / "openai/gsm8k/main" / name, [_gsm8k(rng) for _ in range(n)])
 
 
 # ---- an OpenAI-compatible /v1/completions server --------------------------------------------------

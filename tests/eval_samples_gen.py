@@ -21,7 +21,7 @@ import json
 import random
 from pathlib import Path
 
-from eval_helpers import WORDS, _write
+from eval_helpers import WORDS, random_words, write_parquet
 
 from gemmakit.eval.lm import LM
 
@@ -53,13 +53,9 @@ BBH_BOOL = {"boolean_expressions": ("True", "False"), "formal_fallacies": ("vali
             "navigate": ("Yes", "No"), "web_of_lies": ("Yes", "No")}  # fmt: skip
 
 
-def _words(rng: random.Random, lo: int, hi: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-
 def write_humaneval(data_dir: Path, problems: list[dict]) -> Path:
     path = data_dir / HUMANEVAL_FILE
-    _write(path, [{k: p[k] for k in ("task_id", "prompt", "canonical_solution", "test", "entry_point")}
+    write_parquet(path, [{k: p[k] for k in ("task_id", "prompt", "canonical_solution", "test", "entry_point")}
                   for p in problems])  # fmt: skip
     return path
 
@@ -79,12 +75,12 @@ def _mbpp_problem(rng: random.Random, task_id: int) -> dict:
     elif kind == 2:
         text, name = "Write a function to reverse the words of a sentence.", "reverse_words"
         code = f"def {name}(s):\r\n  return ' '.join(s.split(' ')[::-1])"
-        sentences = [_words(rng, 2, 5) for _ in range(3)]
+        sentences = [random_words(rng, 2, 5) for _ in range(3)]
         tests = [f"assert {name}({s!r}) == {' '.join(s.split(' ')[::-1])!r}" for s in sentences]
     else:
         text, name = "Write a function to count the vowels in a string.", "count_vowels"
         code = f"def {name}(s):\r\n  return sum(1 for c in s if c in 'aeiou')"
-        words = [_words(rng, 1, 3) for _ in range(3)]
+        words = [random_words(rng, 1, 3) for _ in range(3)]
         tests = [f"assert {name}({w!r})=={sum(1 for c in w if c in 'aeiou')}" for w in words]
     return {"task_id": task_id, "text": text, "code": code, "test_list": tests, "test_setup_code": "",
             "challenge_test_list": []}  # fmt: skip
@@ -93,15 +89,15 @@ def _mbpp_problem(rng: random.Random, task_id: int) -> dict:
 def write_mbpp(data_dir: Path, n: int = 8, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = [_mbpp_problem(rng, 11 + i) for i in range(n)]
-    _write(data_dir / MBPP_FILE, rows)
+    write_parquet(data_dir / MBPP_FILE, rows)
     return rows
 
 
 def _math_row(rng: random.Random, subject: int, answer: str) -> dict:
     x, y = rng.randint(2, 9), rng.randint(2, 9)
-    problem = f"If $x = {x}$ and $y = {y}$, {_words(rng, 3, 8)}. What is $\\frac{{x}}{{y}} + z$?"
+    problem = f"If $x = {x}$ and $y = {y}$, {random_words(rng, 3, 8)}. What is $\\frac{{x}}{{y}} + z$?"
     boxed = f"\\boxed{{{answer}}}" if rng.random() < 0.9 else f"\\boxed {answer}"
-    solution = f"We have $x + y = {x + y}$, so {_words(rng, 2, 6)}.  Therefore the answer is ${boxed}$."
+    solution = f"We have $x + y = {x + y}$, so {random_words(rng, 2, 6)}.  Therefore the answer is ${boxed}$."
     return {"problem": problem, "level": f"Level {rng.randint(1, 5)}", "type": MATH_TYPES[subject],
             "solution": solution}  # fmt: skip
 
@@ -115,13 +111,13 @@ def write_math(data_dir: Path, per_subject: int = 2, seed: int = 0) -> list[dict
             _math_row(rng, s, MATH_ANSWERS[(s * per_subject + i) % len(MATH_ANSWERS)][0])
             for i in range(per_subject)
         ]
-        _write(data_dir / "EleutherAI/hendrycks_math" / subject / "test-00000-of-00001.parquet", rows)
+        write_parquet(data_dir / "EleutherAI/hendrycks_math" / subject / "test-00000-of-00001.parquet", rows)
         rows_all += rows
     return rows_all
 
 
 def _bbh_row(rng: random.Random, subtask: str) -> dict:
-    question = _words(rng, 4, 12).capitalize() + "?"
+    question = random_words(rng, 4, 12).capitalize() + "?"
     if subtask in BBH_BOOL:
         return {"input": question, "target": rng.choice(BBH_BOOL[subtask])}
     if subtask in ("multistep_arithmetic_two", "object_counting"):
@@ -134,7 +130,7 @@ def _bbh_row(rng: random.Random, subtask: str) -> dict:
     if subtask == "dyck_languages":
         return {"input": "Complete the rest of the sequence: [ { (", "target": ") } ]"}
     n = rng.randint(3, 5)
-    options = "\n".join(f"({'ABCDE'[i]}) {_words(rng, 1, 3)}" for i in range(n))
+    options = "\n".join(f"({'ABCDE'[i]}) {random_words(rng, 1, 3)}" for i in range(n))
     return {"input": f"{question}\nOptions:\n{options}", "target": f"({rng.choice('ABCDE'[:n])})"}
 
 
@@ -144,7 +140,7 @@ def write_bbh(data_dir: Path, subtasks: tuple[str, ...], per_subtask: int = 2, s
     rows_all = []
     for subtask in subtasks:
         rows = [_bbh_row(rng, subtask) for _ in range(per_subtask)]
-        _write(data_dir / "SaylorTwift/bbh" / subtask / "test-00000-of-00001.parquet", rows)
+        write_parquet(data_dir / "SaylorTwift/bbh" / subtask / "test-00000-of-00001.parquet", rows)
         rows_all += rows
     return rows_all
 

@@ -12,11 +12,10 @@ import math
 import socket
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 
-from eval_helpers import CompletionsServer, tiny_pair  # noqa: E402
+from eval_helpers import CompletionsServer, hflm, intra_op_threads, tiny_pair  # noqa: E402
 
 from gemmakit.eval.lm import (  # noqa: E402
     GemmaLM,
@@ -58,25 +57,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread for this module: 64-wide matrices gain nothing from threads, and with other
-    processes on the 2 cores the thread hand-offs made GemmaLM's side of the agreement run 30x slower
-    (measured: 1.3 s with 1 thread, 40 s with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One intra-op thread for this module (why, with numbers: eval_helpers.intra_op_threads)."""
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return tiny_pair(tmp_path_factory.mktemp("lm"))
-
-
-def _hflm(hf_dir, **kwargs):
-    from lm_eval.models.huggingface import HFLM
-
-    kwargs.update(device="cpu", dtype="float32", batch_size=1, attn_implementation="eager")
-    return HFLM(pretrained=str(hf_dir), **kwargs)
 
 
 def _instances(kind: str, args: list[tuple]) -> list:
@@ -109,7 +97,7 @@ def test_loglikelihood_matches_hflm(pair):
             break
     assert greedy is not None
     requests = [*REQUESTS, greedy]
-    theirs = _hflm(hf_dir, max_length=48).loglikelihood(
+    theirs = hflm(hf_dir, max_length=48).loglikelihood(
         _instances("loglikelihood", [(r.context, r.continuation) for r in requests])
     )
     ours = GemmaLM(model, tok, batch_size=3, max_length=48).loglikelihood(requests)
@@ -120,8 +108,8 @@ def test_loglikelihood_matches_hflm(pair):
 def test_rolling_matches_hflm(pair):
     hf_dir, model, tok = pair
     # add_bos_token=False: the text is scored after a <bos> prefix, not after two (see eval/lm.py)
-    hflm = _hflm(hf_dir, max_length=48, add_bos_token=False)
-    theirs = hflm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in TEXTS]))
+    ref = hflm(hf_dir, max_length=48, add_bos_token=False)
+    theirs = ref.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in TEXTS]))
     ours = GemmaLM(model, tok, batch_size=4, max_length=48).loglikelihood_rolling(
         [RollingRequest(t) for t in TEXTS]
     )
@@ -137,7 +125,7 @@ def test_generate_until_matches_hflm(pair):
         (p.prompt, {"until": list(p.until), "max_gen_toks": p.max_tokens, "do_sample": False})
         for p in PROMPTS
     ]
-    theirs = _hflm(hf_dir, max_length=64).generate_until(_instances("generate_until", args))
+    theirs = hflm(hf_dir, max_length=64).generate_until(_instances("generate_until", args))
     for batch_size in (1, 4):
         assert GemmaLM(model, tok, batch_size=batch_size, max_length=64).generate_until(PROMPTS) == theirs
     assert len({t for t in theirs if t}) >= 3, theirs  # not a degenerate model

@@ -19,11 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 
-from eval_helpers import tiny_pair, write_samples  # noqa: E402
+from eval_helpers import intra_op_threads, lmeval_evaluate, tiny_pair, write_samples  # noqa: E402
 
 from gemmakit.eval.lm import GemmaLM  # noqa: E402
 from gemmakit.eval.tasks import Protocol, TaskProtocol, get_protocol, get_task, run_task  # noqa: E402
@@ -73,13 +72,9 @@ def _write_yaml(yaml_dir: Path, data_dir: Path, cache_dir: Path, task: str, shot
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread for this module: 64-wide matrices gain nothing from threads, and with other
-    processes on the 2 cores the thread hand-offs made GemmaLM's side of the agreement run 30x slower
-    (measured: 1.3 s with 1 thread, 40 s with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One intra-op thread for this module (why, with numbers: eval_helpers.intra_op_threads)."""
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +91,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lmeval_results(setup):
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     hf_dir, _, _, _, yaml_dir = setup
-    lm = HFLM(
-        pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1, attn_implementation="eager"
-    )
-    return simple_evaluate(
-        model=lm,
-        tasks=[_run_name(t, s) for t, s in RUNS],
-        task_manager=TaskManager(include_path=str(yaml_dir), include_defaults=False),
-        log_samples=True,
-        bootstrap_iters=1,  # > 0 so mean metrics get their closed-form stderr (no bootstrap for means)
-    )
+    return lmeval_evaluate(hf_dir, yaml_dir, [_run_name(t, s) for t, s in RUNS])
 
 
 @pytest.fixture(scope="module")

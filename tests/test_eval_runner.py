@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from eval_helpers import tiny_pair, write_samples
+from eval_helpers import intra_op_threads, tiny_pair, write_samples
 
 from gemmakit.config import get_preset
 from gemmakit.eval.lm import GemmaLM
@@ -36,10 +36,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with intra_op_threads(1):
+        yield
 
 
 def test_evaluate_writes_results_samples_and_report(world, tmp_path) -> None:

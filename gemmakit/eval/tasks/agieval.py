@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from gemmakit.eval.lm import GenerateRequest, LoglikelihoodRequest, Request
 from gemmakit.eval.metrics import choice_accuracy, last_boxed, math_strip
 from gemmakit.eval.tasks.base import Doc, EvalError, Task, field
-from gemmakit.eval.tasks.upstream import EXAMPLES_KEY, SUBSET_KEY, FixedExamples, UpstreamFiles, public
+from gemmakit.eval.tasks.upstream import EXAMPLES_KEY, SUBSET_KEY, UpstreamFiles, public, with_examples
 
 # agieval_en's members, in its YAML's order ("gaokao-english" is English: AGIEval's english_qa_tasks)
 SUBSETS = (
@@ -121,8 +121,7 @@ class AGIEval(UpstreamFiles, Task):
         pools: dict[str, list[Doc]] = {}
         for doc in docs:
             pools.setdefault(doc[SUBSET_KEY], []).append(doc)
-        examples = {subset: FixedExamples(pool) for subset, pool in pools.items()}
-        return [{**doc, EXAMPLES_KEY: examples[doc[SUBSET_KEY]]} for doc in docs]
+        return with_examples(docs, pools)
 
     def gold(self, doc: Doc) -> list[int]:
         gold, n = list(field(doc, "gold", self.name)), len(field(doc, "choices", self.name))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from gemmakit.eval.tasks.base import Doc, EvalError, MultipleChoiceTask, field
+from gemmakit.eval.tasks.base import Doc, MultipleChoiceTask, answer_key_index, field
 
 SPLITS = ("train", "validation", "test")
 
@@ -33,12 +33,7 @@ class ArcEasy(MultipleChoiceTask):
         return list(field(doc, "choices", self.name)["text"])
 
     def gold(self, doc: Doc) -> int:
-        labels, key = list(field(doc, "choices", self.name)["label"]), field(doc, "answerKey", self.name)
-        if key not in labels:
-            raise EvalError(
-                f"{self.name}: answerKey {key!r} is not among the labels {labels} ({doc.get('id')})"
-            )
-        return labels.index(key)
+        return answer_key_index(doc, self.name)
 
 
 class ArcChallenge(ArcEasy):

@@ -91,6 +91,27 @@ def field(doc: Doc, name: str, task: str) -> Any:
         raise EvalError(f"{task}: document has no field {name!r} (fields: {sorted(doc)})") from None
 
 
+def answer_key_index(doc: Doc, task: str, lstrip: bool = False) -> int:
+    """Index of doc["answerKey"] (left-stripped first if `lstrip`, as OpenBookQA's YAML does) among
+    doc["choices"]["label"]: the ARC / OpenBookQA layout, labels "A".."E" or "1".."5" beside the texts."""
+    labels, key = list(field(doc, "choices", task)["label"]), field(doc, "answerKey", task)
+    key = key.lstrip() if lstrip else key
+    if key not in labels:
+        raise EvalError(f"{task}: answerKey {key!r} is not among the labels {labels} ({doc.get('id')})")
+    return labels.index(key)
+
+
+def lettered_question(
+    doc: Doc, task: str, question: str, options: Sequence[str], letters: Sequence[str]
+) -> str:
+    """lm-eval's lettered prompt (MMLU, CommonsenseQA): the question, one "\\n<letter>. <option>" line
+    per option, then "\\nAnswer:"; an EvalError unless there is exactly one option per letter."""
+    if len(options) != len(letters):
+        raise EvalError(f"{task}: expected {len(letters)} choices, got {len(options)} in {str(doc)[:120]}")
+    lines = "".join(f"\n{letter}. {text}" for letter, text in zip(letters, options, strict=True))
+    return f"{question}{lines}\nAnswer:"
+
+
 # ---- the task interface ------------------------------------------------------------------------
 
 

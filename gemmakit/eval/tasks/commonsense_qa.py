@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from gemmakit.eval.tasks.base import Doc, EvalError, MultipleChoiceTask, field
+from gemmakit.eval.tasks.base import Doc, EvalError, MultipleChoiceTask, field, lettered_question
 
 LETTERS = ("A", "B", "C", "D", "E")
 
@@ -33,10 +33,8 @@ class CommonsenseQA(MultipleChoiceTask):
 
     def question(self, doc: Doc) -> str:
         texts = list(field(doc, "choices", self.name)["text"])
-        if len(texts) != len(LETTERS):
-            raise EvalError(f"{self.name}: expected 5 choices, got {len(texts)} ({doc.get('id')})")
-        options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, texts, strict=True))
-        return f"Question: {field(doc, 'question', self.name).strip()}{options}\nAnswer:"
+        question = f"Question: {field(doc, 'question', self.name).strip()}"
+        return lettered_question(doc, self.name, question, texts, LETTERS)
 
     def choices(self, doc: Doc) -> list[str]:
         return list(LETTERS)

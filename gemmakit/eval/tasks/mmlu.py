@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from gemmakit.eval.lm import LoglikelihoodRequest, Request
-from gemmakit.eval.tasks.base import Doc, EvalError, MultipleChoiceTask, field
-from gemmakit.eval.tasks.upstream import EXAMPLES_KEY, SUBSET_KEY, FixedExamples, UpstreamFiles
+from gemmakit.eval.tasks.base import Doc, EvalError, MultipleChoiceTask, field, lettered_question
+from gemmakit.eval.tasks.upstream import EXAMPLES_KEY, SUBSET_KEY, UpstreamFiles, with_examples
 
 # the 57 subjects, in the order of lm-eval's mmlu/default/mmlu_<subject>.yaml files
 SUBJECTS = (
@@ -71,15 +71,12 @@ class MMLU(UpstreamFiles, MultipleChoiceTask):
         docs = super().load(data_dir, split)
         if split != self.eval_split:
             return docs
-        examples = {s: FixedExamples(self.load_subset(data_dir, self.fewshot_split, s)) for s in self.subsets}
-        return [{**doc, EXAMPLES_KEY: examples[doc[SUBSET_KEY]]} for doc in docs]
+        dev = {s: self.load_subset(data_dir, self.fewshot_split, s) for s in self.subsets}
+        return with_examples(docs, dev)
 
     def question(self, doc: Doc) -> str:
         choices = field(doc, "choices", self.name)
-        if len(choices) != len(LETTERS):
-            raise EvalError(f"{self.name}: expected 4 choices, got {len(choices)} in {str(doc)[:120]}")
-        options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, choices, strict=True))
-        return f"{field(doc, 'question', self.name).strip()}{options}\nAnswer:"
+        return lettered_question(doc, self.name, field(doc, "question", self.name).strip(), choices, LETTERS)
 
     def choices(self, doc: Doc) -> list[str]:
         return list(LETTERS)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from gemmakit.eval.tasks.base import Doc, EvalError, MultipleChoiceTask, field
+from gemmakit.eval.tasks.base import Doc, MultipleChoiceTask, answer_key_index, field
 
 
 class OpenBookQA(MultipleChoiceTask):
@@ -34,10 +34,4 @@ class OpenBookQA(MultipleChoiceTask):
         return list(field(doc, "choices", self.name)["text"])
 
     def gold(self, doc: Doc) -> int:
-        labels = list(field(doc, "choices", self.name)["label"])
-        key = field(doc, "answerKey", self.name).lstrip()
-        if key not in labels:
-            raise EvalError(
-                f"{self.name}: answerKey {key!r} is not among the labels {labels} ({doc.get('id')})"
-            )
-        return labels.index(key)
+        return answer_key_index(doc, self.name, lstrip=True)

@@ -114,6 +114,13 @@ class FixedExamples:
 EXAMPLES_KEY = "_examples"
 
 
+def with_examples(docs: list[Doc], pools: dict[str, list[Doc]]) -> list[Doc]:
+    """Each document with its subset's pool of few-shot examples under EXAMPLES_KEY (one shared
+    FixedExamples per subset, so a 14k-document MMLU holds 57 pools, not 14k copies)."""
+    examples = {subset: FixedExamples(pool) for subset, pool in pools.items()}
+    return [{**doc, EXAMPLES_KEY: examples[doc[SUBSET_KEY]]} for doc in docs]
+
+
 def public(doc: Doc) -> Doc:
     """The document without the keys added here (SUBSET_KEY, EXAMPLES_KEY): the upstream row."""
     return {k: v for k, v in doc.items() if not k.startswith("_")}

@@ -268,6 +268,9 @@ def test_humaneval_prompts_programs_and_verdicts(data, lmeval):
     ]
     assert [s.scores["pass@1"] for s in result.samples] == [float(v) for v in verdicts]
     assert result.metrics["pass@1"] == 0.5 and result.num_fewshot == 0
+    # run_task scores all programs at once in parallel sandboxes; one by one gives the same verdicts
+    one_by_one = [HumanEval().score(p, [c])["pass@1"] for p, c in zip(problems, completions, strict=True)]
+    assert one_by_one == [s.scores["pass@1"] for s in result.samples]
 
 
 def test_mbpp_programs_and_verdicts(data, lmeval):

@@ -168,6 +168,11 @@ class Task(abc.ABC):
     def score(self, doc: Doc, responses: Sequence[Any]) -> dict[str, float]:
         """Metric values for one document from the LM's answers to `build(doc, ...)`, in order."""
 
+    def score_all(self, docs: Sequence[Doc], answers: Sequence[Sequence[Any]]) -> list[dict[str, float]]:
+        """`score` for every document; tasks whose scoring is slow per document (running programs)
+        override it to work on many documents at once."""
+        return [self.score(doc, ans) for doc, ans in zip(docs, answers, strict=True)]
+
 
 class MultipleChoiceTask(Task):
     """Score each choice as a continuation of the question; the highest log-likelihood is the answer.

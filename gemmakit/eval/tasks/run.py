@@ -96,9 +96,10 @@ def run_task(
     logger.info("%s: %d documents, %d-shot, %d requests", task.name, len(docs), setting.num_fewshot,
                 sum(map(len, per_doc)))  # fmt: skip
     answers = _answer(lm, per_doc)
+    scores = task.score_all(docs, answers)
     samples = tuple(
-        SampleLog(i, tuple(reqs), tuple(ans), task.score(doc, ans))
-        for i, (doc, reqs, ans) in enumerate(zip(docs, per_doc, answers, strict=True))
+        SampleLog(i, tuple(reqs), tuple(ans), sc)
+        for i, (reqs, ans, sc) in enumerate(zip(per_doc, answers, scores, strict=True))
     )
     metrics, stderr = {}, {}
     for metric in task.metrics:

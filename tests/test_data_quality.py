@@ -61,3 +61,24 @@ def test_repeated_ngrams_and_config() -> None:
     assert quality("Too short to keep.", relaxed) == (True, "")
     strict = QualityConfig(min_terminal_punct_lines=0.99)
     assert quality(PROSE + "\n\nA heading without a stop", strict) == (False, "c4_terminal_punctuation")
+
+
+def test_duplicated_ngram_share_never_grows_with_n() -> None:
+    """The property `quality` relies on to skip longer n-grams: a repeated (n+1)-gram's words are covered
+    by repeated n-grams, so the duplicated-character share is non-increasing in n."""
+    import random
+
+    from gemmakit.data.quality import STOP_WORDS, _dup_ngram_share
+
+    rng = random.Random(0)
+    vocab = sorted(
+        set(STOP_WORDS) | {"a", "in", "is", "was", "he", "for", "it", "as", "his", "on", "at", "by"}
+    )
+    for _ in range(500):
+        n = rng.randint(20, 300)
+        words = [rng.choice(vocab[: rng.randint(3, len(vocab))]) for _ in range(n)]
+        for _ in range(rng.randint(0, 4)):  # plant repeated spans
+            span, i, j = rng.randint(3, 15), rng.randrange(n), rng.randrange(n)
+            words[j : j + span] = words[i : i + span]
+        shares = [_dup_ngram_share(words, k) for k in range(5, 11)]
+        assert all(a >= b for a, b in zip(shares, shares[1:], strict=False)), shares

@@ -71,14 +71,19 @@ def _top_ngram_share(words: list[str], n: int) -> float:
 
 def _dup_ngram_share(words: list[str], n: int) -> float:
     """Share of word characters covered by n-grams that occur more than once (Gopher's definition)."""
-    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    covered = [False] * len(words)
-    for i in range(len(words) - n + 1):
-        if counts[tuple(words[i : i + n])] > 1:
-            for j in range(i, i + n):
-                covered[j] = True
-    total = sum(len(w) for w in words) or 1
-    return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total
+    grams = list(zip(*(words[i:] for i in range(n)), strict=False))  # built once, counted and scanned
+    counts = Counter(grams)
+    edges = [0] * (len(words) + 1)  # +1 where a repeated n-gram starts covering, -1 where it stops
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            edges[i] += 1
+            edges[i + n] -= 1
+    covered, depth = 0, 0
+    for w, e in zip(words, edges, strict=False):
+        depth += e
+        if depth:
+            covered += len(w)
+    return covered / (sum(len(w) for w in words) or 1)
 
 
 def quality(text: str, cfg: QualityConfig | None = None) -> tuple[bool, str]:
@@ -117,9 +122,16 @@ def quality(text: str, cfg: QualityConfig | None = None) -> tuple[bool, str]:
     for k, limit in zip((2, 3, 4), cfg.max_top_ngram, strict=True):
         if _top_ngram_share(lower, k) > limit:
             return False, f"gopher_top_{k}gram"
-    for k, limit in zip(range(5, 11), cfg.max_dup_ngram, strict=False):
-        if _dup_ngram_share(lower, k) > limit:
+    # A repeated (n+1)-gram's positions are covered by repeated n-grams, so the share can only fall as n
+    # grows: once it is at or below every remaining limit, the longer n-grams cannot fail (typical prose:
+    # one pass instead of six, ~45% of the quality rules' time).
+    limits = list(zip(range(5, 11), cfg.max_dup_ngram, strict=False))
+    for j, (k, limit) in enumerate(limits):
+        share = _dup_ngram_share(lower, k)
+        if share > limit:
             return False, f"gopher_dup_{k}gram"
+        if all(share <= rest for _, rest in limits[j + 1 :]):
+            break
     if cfg.min_terminal_punct_lines and lines:
         ended = sum(ln.endswith((".", "!", "?", '"', "'")) for ln in lines) / len(lines)
         if ended < cfg.min_terminal_punct_lines:

@@ -474,3 +474,16 @@ def dataclass_from_table(cls: type, table: Any, source: str, name: str,
                     f"valid keys of [{name}]: {', '.join(fields)}")  # fmt: skip
     hints = typing.get_type_hints(cls)  # resolves the string annotations `from __future__` leaves
     return cls(**{k: coerce_value(f"{source}: {name}.{k}", v, hints[k], error) for k, v in table.items()})
+
+
+def read_toml(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A recipe file's parsed TOML; `error` naming the file when it is missing, not UTF-8 or not TOML."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: no such recipe file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid TOML ({e})") from None

@@ -9,14 +9,9 @@ import json
 import random
 from pathlib import Path
 
-from gemmakit.data.webgen import web_docs
+from gemmakit.data.webgen import EVAL_ITEMS, web_docs
 
-EVAL_QUESTIONS = [
-    "Which of the following rivers carries the most water into the northern harbour during the long "
-    "summer season of the ancient village",
-    "A careful student measured the quiet garden every morning for one month and wrote the result in "
-    "a small book; what was the average",
-]
+EVAL_QUESTIONS = EVAL_ITEMS[:2]  # the demo corpus's eval set, two of its questions
 
 
 def write_corpus(root: Path, n_web: int = 1500, n_books: int = 300, seed: int = 0) -> dict[str, dict]:

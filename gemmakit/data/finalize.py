@@ -86,7 +86,7 @@ def merge_stats(recipe: DataRecipe, out: Path, segments: list[str]) -> dict[str,
     if not _conserved(total):
         raise RuntimeError(f"total: counts do not add up: {total}")
     contamination = Counter()
-    for reason, n in total["dropped"].items() | total["modified"].items():
+    for reason, n in [*total["dropped"].items(), *total["modified"].items()]:  # drop and flag actions
         if reason.startswith("decontam_"):
             contamination[reason.removeprefix("decontam_flag_").removeprefix("decontam_")] += n
     return {"format": STATS_FORMAT, "version": 1, "shards_count": recipe.pipeline.shards,

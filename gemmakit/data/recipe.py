@@ -22,12 +22,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gemmakit.config import dataclass_from_table
+from gemmakit.config import dataclass_from_table, read_toml
 from gemmakit.data import decontam, dedup, filters
 
 FORMATS = ("text", "chat")
@@ -236,10 +235,4 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", root: Path |
 def load_recipe(path: str | Path) -> DataRecipe:
     """Read and validate a data recipe; DataRecipeError names the file and key."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataRecipeError(f"{path}: no such recipe file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise DataRecipeError(f"{path}: not valid TOML ({e})") from None
-    return recipe_from_dict(raw, str(path), path.resolve().parent)
+    return recipe_from_dict(read_toml(path, DataRecipeError), str(path), path.resolve().parent)

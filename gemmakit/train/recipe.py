@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemmakit.config import dataclass_from_table
+from gemmakit.config import dataclass_from_table, read_toml
 
 METHODS = ("pretrain", "sft")
 
@@ -282,13 +282,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a TOML recipe, apply `--set` overrides, validate; RecipeError names the file and key."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path, RecipeError)
     return recipe_from_dict(apply_overrides(raw, overrides or []), str(path))
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,17 +25,6 @@ from gemmakit.checkpoint import internal_name_to_hf
 from gemmakit.config import PRESETS, to_hf_dict
 from gemmakit.infer import Engine
 from gemmakit.model import Gemma
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-    }
 
 
 def hf_twin(model: Gemma, impl: str):
@@ -126,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (pf, dc) in rows.items():
         same = tokens[name] == tokens["transformers eager"]
         print(f"{name:22s} {pf:14.1f} {dc:13.2f} {pf / base[0]:10.2f} {dc / base[1]:9.2f}  {same}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine_info import machine
+
     result = {"machine": machine(), "args": vars(args), "results": {
         k: {"prefill_tok_s": v[0], "decode_tok_s": v[1], "same_tokens_as_transformers_eager":
             tokens[k] == tokens["transformers eager"]} for k, v in rows.items()}}  # fmt: skip

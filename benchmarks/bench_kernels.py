@@ -6,8 +6,12 @@ For a Gemma-1-2B MLP matrix (16384 x 2048) and the tied embedding used as the ou
 (+ its packing op), a `torch.compile`d dequantize-GEMV (int8 and int4, inductor's C++ checked for
 `at::vec::Vectorized`), the PyTorch fallback, and gemmakit's native kernels (the `-march=native`
 build and, on AVX-512 machines, the AVX2 build that AVX2-only CPUs get). Then the prefill
-crossover: native GEMV vs dequantize + fp32 GEMM over M rows. Whole-model decode next to llama.cpp:
-bench_quant_decode.py.
+crossover per scheme: native GEMV vs each prefill path (fp32 tiles + fp32 GEMM; bf16 tiles + bf16
+GEMM where the level has fast bf16) over M rows, and the `kernels.CROSSOVERS` row it implies.
+`--isa all` repeats the crossover in child processes capped to every ISA level below this CPU's
+(ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY, GEMMAKIT_KERNEL_ISA; see
+LEVEL_ENVS), one JSON per level, and prints the measured rows beside the table in the code.
+Whole-model decode next to llama.cpp: bench_quant_decode.py.
 
 Candidates are timed in interleaved rounds inside one process (medians of medians), so drift and
 other load hit all of them alike; the load average before and after is recorded. Before every
@@ -15,6 +19,7 @@ timed call a 2x-L3-sized buffer is streamed, so weights come from DRAM as in a r
 (--hot skips that). Writes JSON.
 
     python benchmarks/bench_kernels.py                      # GEMV + crossover tables (~3 min)
+    python benchmarks/bench_kernels.py --isa all --rounds 3 # crossovers per ISA level (~3 min a level)
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,26 +40,13 @@ import torch.nn.functional as F
 from gemmakit.quantize import kernels
 from gemmakit.quantize.schemes import dequantize_matrix, quantize_matrix, unpack_nibbles, unpack_scale_min
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from machine_info import machine  # noqa: E402
+from results_md import update_section  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
 SHAPES = {"mlp 16384x2048": (16384, 2048), "embed-as-output 256000x2048": (256000, 2048)}
-
-
-def machine() -> dict:
-    flags = ""
-    if Path("/proc/cpuinfo").exists():
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), ""
-        )
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    else:
-        model = platform.processor()
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "avx_vnni")
-    return {
-        "cpu": model, "cpus": os.cpu_count(), "isa": [f for f in wanted if f" {f}" in flags],
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-        "kernel_backend": kernels.backend(), "loadavg": os.getloadavg(),
-    }  # fmt: skip
 
 
 def l3_bytes() -> int:
@@ -214,29 +206,127 @@ def _add_compiled(add, x, packed, scheme, group, label, size, ref, notes, n, k) 
     add(f"torch.compile dequant-GEMV {label}", lambda: fn(*inputs), size, ref)
 
 
+CROSS_SHAPES = ((16384, 2048), (2048, 16384))  # a 2B MLP's up and down projections
+# ISA levels an AVX-512 machine can be capped to: the env of a child process that measures that level.
+LEVEL_ENVS = {
+    "amx": {},
+    "avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "avx2": {"GEMMAKIT_KERNEL_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"},
+}  # fmt: skip
+
+
 def crossover(args: argparse.Namespace, flush: Flusher) -> dict:
-    """Per M: native GEMV vs tiled dequantize + fp32 GEMM vs plain fp32 F.linear, 16384 x 2048."""
-    n, k = 16384, 2048
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    """Per scheme and M rows: the native GEMV vs each prefill path this ISA level has (fp32 tiles +
+    fp32 GEMM always, bf16 tiles + bf16 GEMM where bf16 GEMMs are available), ms summed over both
+    CROSS_SHAPES, plus plain fp32 F.linear on float weights for scale."""
     kern, out = kernels.native(), {}
     if kern is None:
         return out
-    for scheme, group in (("int8", None), ("int4", 64)):
-        packed = quantize_matrix(w, scheme, group)
-        for m in args.rows:
-            x = torch.randn(m, k)
-            cands = {
-                "native gemv": lambda x=x, p=packed, s=scheme, g=group: kern.gemv(x, p, s, (n, k), g),
-                "dequantize tiles + fp32 GEMM": lambda x=x, p=packed, s=scheme, g=group: kernels.matmul(
-                    x, p, s, (n, k), g, max_gemv_rows=0
-                ),
-                "fp32 F.linear (float weights)": lambda x=x: F.linear(x, w),
-            }
-            res = rounds(cands, args.rounds, max(2, args.calls // 2), flush)
-            out[f"{scheme if group is None else f'{scheme} g{group}'} M={m}"] = {
-                c: t * 1e3 for c, t in res.items()
-            }
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=gen) * 0.02 for n, k in CROSS_SHAPES]
+    bf16_hw = kernels._BF16_GEMM_HW
+    before = kernels.bf16_prefill()
+
+    def prefill(x: torch.Tensor, packs: list, scheme: str, group: int | None, bf16: bool) -> None:
+        kernels.bf16_prefill(bf16)
+        for (n, k), p in zip(CROSS_SHAPES, packs, strict=True):
+            kernels.matmul(x[:, :k], p, scheme, (n, k), group, max_gemv_rows=0)
+
+    try:
+        for scheme, group in (("int8", None), ("int4", 64), ("bf16", None)):
+            packs = [quantize_matrix(w, scheme, group) for w in weights]
+            for m in args.rows:
+                x = torch.randn(m, max(k for _, k in CROSS_SHAPES), generator=gen)
+                cands = {
+                    "native gemv": lambda x=x, ps=packs, s=scheme, g=group: [
+                        kern.gemv(x[:, :k].contiguous(), p, s, (n, k), g)
+                        for (n, k), p in zip(CROSS_SHAPES, ps, strict=True)
+                    ],
+                    "fp32 tiles + fp32 GEMM": lambda x=x, ps=packs, s=scheme, g=group: prefill(
+                        x, ps, s, g, False
+                    ),
+                }
+                if bf16_hw:
+                    cands["bf16 tiles + bf16 GEMM"] = lambda x=x, ps=packs, s=scheme, g=group: prefill(
+                        x, ps, s, g, True
+                    )
+                if scheme == "int8":
+                    cands["fp32 F.linear (float weights)"] = lambda x=x: [
+                        F.linear(x[:, :k], w) for (_, k), w in zip(CROSS_SHAPES, weights, strict=True)
+                    ]
+                res = rounds(cands, args.rounds, max(2, args.calls // 2), flush)
+                out.setdefault(scheme, {})[str(m)] = {c: t * 1e3 for c, t in res.items()}
+    finally:
+        kernels.bf16_prefill(before)
     return out
+
+
+def derive_row(cross: dict) -> dict:
+    """The CROSSOVERS row these timings imply: bf16 prefill where it beats fp32 at the largest M for
+    every scheme; per scheme, the largest M up to which the GEMV beats that prefill path at every M."""
+    bf16 = all(
+        "bf16 tiles + bf16 GEMM" in rows[max(rows, key=int)]
+        and rows[max(rows, key=int)]["bf16 tiles + bf16 GEMM"]
+        < rows[max(rows, key=int)]["fp32 tiles + fp32 GEMM"]
+        for rows in cross.values()
+    )
+    path = "bf16 tiles + bf16 GEMM" if bf16 else "fp32 tiles + fp32 GEMM"
+    row: dict = {"bf16_prefill": bf16}
+    for scheme, rows in cross.items():
+        best = 0
+        for m in sorted(rows, key=int):
+            if rows[m]["native gemv"] >= rows[m][path]:
+                break
+            best = int(m)
+        row[scheme] = best
+    return row
+
+
+def measure_levels(args: argparse.Namespace) -> int:
+    """Run the crossover in a child process per ISA level this CPU can be capped to (the caps must be
+    set before torch starts); print each level's derived row beside the one in kernels.CROSSOVERS."""
+    top = kernels.LEVELS.index(kernels._hardware_level())
+    rows = {}
+    for level, env in LEVEL_ENVS.items():
+        if kernels.LEVELS.index(level) < top:
+            continue
+        out = Path(args.out).with_name(f"bench_kernels_{level}.json")
+        cmd = [sys.executable, __file__, "--no-gemv", "--rounds", str(args.rounds), "--calls", str(args.calls),
+               "--rows", *map(str, args.rows), "--out", str(out)]  # fmt: skip
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"== {level}: {' '.join(f'{k}={v}' for k, v in env.items()) or '(no caps)'}", flush=True)
+        subprocess.run(cmd, env={**os.environ, **env}, check=True)
+        result = json.loads(out.read_text())
+        assert result["machine"]["isa_level"] == level, (level, result["machine"]["isa_level"])
+        rows[level] = result
+    print(crossover_report(rows))
+    update_section(HERE / "RESULTS.md", "kernel_crossovers", crossover_report(rows))
+    return 0
+
+
+def crossover_report(results: dict[str, dict]) -> str:
+    """Markdown: per measured ISA level, the row its timings imply beside the row kernels.CROSSOVERS uses."""
+    first = next(iter(results.values()))["machine"]
+    lines = [
+        "## Quantized kernel crossovers per ISA level (`bench_kernels.py --isa all`)",
+        "",
+        f"Machine: {first['cpu']}, {first['cores']} cores, ISA {', '.join(first['isa'])}; each level in a child "
+        "process capped by env (LEVEL_ENVS). Rows: the largest activation-row count M at which the native "
+        "GEMV still beats the prefill GEMM, per scheme (16384x2048 + 2048x16384, weights from DRAM).",
+        "",
+        "| level | caps | measured: bf16 prefill / int8 / int4 / bf16 | kernels.CROSSOVERS |",
+        "|---|---|---|---|",
+    ]
+    for level, res in results.items():
+        row, now = res["derived_row"], kernels.CROSSOVERS[level]
+        caps = " ".join(f"{k}={v}" for k, v in res["machine"].get("env", {}).items()) or "none"
+        lines.append(f"| {level} | {caps} | {row['bf16_prefill']} / {row['int8']} / {row['int4']} / {row['bf16']} | "
+                     f"{now.bf16_prefill} / {now.int8} / {now.int4} / {now.bf16} |")  # fmt: skip
+    lines += ["", "Where the two differ, kernels.py says why (e.g. a capped level that no real CPU has)."]
+    return "\n".join(lines)
 
 
 def print_gemv(results: dict, nbytes: dict, shape: str, n: int, k: int, hot: bool) -> None:
@@ -254,7 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=10, help="calls per candidate per round")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
-        "--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128], help="crossover M values"
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128],
+        help="crossover M values",
+    )
+    ap.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the M=1 GEMV candidate tables")
+    ap.add_argument(
+        "--isa",
+        choices=["native", "all"],
+        default="native",
+        help="all: measure the crossovers at every ISA level this CPU can be capped to (child processes)",
     )
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--fallback", action="store_true", help="also time the (slow) PyTorch fallback")
@@ -264,12 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.isa == "all":
+        return measure_levels(args)
     mach = machine()
-    args.avx2 = kernels.build("haswell") if "avx512f" in mach["isa"] else None
+    args.avx2 = kernels.build("avx2") if "avx512f" in mach["isa"] and args.gemv else None
     result: dict = {"machine": mach, "args": {k: v for k, v in vars(args).items() if k != "avx2"}, "gemv": {}}
     notes: dict = {}
     flush = Flusher(not args.hot)
-    for shape in args.shapes:
+    for shape in args.shapes if args.gemv else []:
         n, k = SHAPES[shape]
         fns, nbytes, _ = gemv_candidates(n, k, args, notes)
         res = rounds(fns, args.rounds, args.calls if n < 100000 else max(2, args.calls // 3), flush)
@@ -277,10 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         result["gemv"][shape] = {c: {"ms": t * 1e3, "GB_s": nbytes[c] / t / 1e9} for c, t in res.items()}
         del fns
     if args.crossover:
-        result["crossover_ms"] = crossover(args, flush)
-        print("\nprefill crossover, 16384x2048, ms per call:")
-        for key, row in result["crossover_ms"].items():
-            print(f"  {key:14s} " + "  ".join(f"{c}: {v:8.2f}" for c, v in row.items()))
+        result["crossover_ms"] = cross = crossover(args, flush)
+        print(f"\nprefill crossover at ISA level {mach['isa_level']}, 16384x2048 + 2048x16384, ms per call:")
+        for scheme, rows in cross.items():
+            for m, row in rows.items():
+                print(f"  {scheme:5s} M={m:>4s} " + "  ".join(f"{c}: {v:8.2f}" for c, v in row.items()))
+        if cross:
+            result["derived_row"] = derive_row(cross)
+            print(f"derived CROSSOVERS row for {mach['isa_level']}: {result['derived_row']}")
     result["notes"] = notes
     result["machine"]["loadavg_after"] = os.getloadavg()
     print(f"\nnotes: {json.dumps(notes, indent=1)}")

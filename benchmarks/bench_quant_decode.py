@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                       "prefill_all": pf, "decode_all": dc}  # fmt: skip
         print(f"{name:22s} {statistics.median(pf):8.1f} [{min(pf):5.1f}-{max(pf):5.1f}] "
               f"{statistics.median(dc):8.2f} [{min(dc):5.2f}-{max(dc):5.2f}]")  # fmt: skip
-    from bench_kernels import machine
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine_info import machine
 
     result = {"machine": {**machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
               "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}  # fmt: skip

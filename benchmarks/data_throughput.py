@@ -249,9 +249,9 @@ def profile_gemmakit(corpus: Path, run_dir: Path, top: int) -> list[dict[str, An
 
 
 def machine() -> dict[str, Any]:
-    """decode.py's machine record plus RAM and the data libraries' versions."""
+    """The shared machine record (machine_info.py) plus RAM and the data libraries' versions."""
     sys.path.insert(0, str(HERE))
-    from decode import machine as base
+    from machine_info import machine as base
 
     out = base()
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
@@ -276,7 +276,8 @@ def report(results: dict[str, Any]) -> str:
     rows = results["rows"]
     anchor = rows.get("datatrove x1")
     lines = ["## Data pipeline throughput: gemmakit vs datatrove (quality + MinHash dedup)\n",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('ram_gb', '?')} GB RAM; python {m['python']}, "
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('ram_gb', '?')} GB RAM; ISA level "
+             f"{m.get('isa_level', 'unknown')}, kernels {m.get('kernel_backend', 'unknown')}; python {m['python']}, "
              f"torch {m['torch']}, datatrove {m['datatrove']}, spacy {m['spacy']}, numpy {m['numpy']}.",
              f"Corpus: {results['docs']:,} webgen documents (seed {a['seed']}), {results['corpus_mb']:.0f} MB in "
              f"{FILES} JSONL files. Command: `python benchmarks/data_throughput.py {results['command']}`. "

@@ -29,8 +29,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
-import platform
 import re
 import resource
 import statistics
@@ -429,21 +427,11 @@ def kv_bytes(shape: str, args: argparse.Namespace) -> int:
     return kv_cache_bytes(get_preset(shape), 1, args.prompt_len + args.new_tokens, torch.float32)
 
 
-def machine() -> dict:
-    cpu = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    import torch
-
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
-
-
 def report(results: dict, bandwidth: float, args: argparse.Namespace) -> str:
+    m = results["machine"]
     lines = ["# Decode benchmark results\n",
-             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
-             f"torch {results['machine']['torch']} ({results['machine']['cpu_capability']}); "
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['cpu_capability']}); "
+             f"ISA level {m.get('isa_level', 'unknown')}, kernels {m.get('kernel_backend', 'unknown')}; "
              f"{args.threads} threads; measured read bandwidth {bandwidth:.1f} GB/s.",
              f"Prompt {args.prompt_len} random ids, {args.new_tokens} new tokens greedy, batch 1 unless noted, "
              f"medians of {args.reps} after one warm-up. Command: `python benchmarks/decode.py "
@@ -502,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    from machine_info import machine
+
     results = {"machine": machine(), "args": vars(args), "command": " ".join(sys.argv[1:]), "shapes": {}}
     measured = measure_bandwidth()
     bandwidth = max(measured.values())

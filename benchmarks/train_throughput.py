@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,10 @@ def nano_config():
     from gemmakit.train.run import model_config
 
     return model_config(
-        load_recipe(HERE.parent / "recipes" / "nano-pretrain.toml", ["model.overrides.vocab_size=8192"])
+        load_recipe(
+            HERE.parent / "gemmakit" / "assets" / "nano-build" / "nano-pretrain.toml",
+            ["model.overrides.vocab_size=8192"],
+        )
     )
 
 
@@ -55,14 +57,6 @@ def hf_twin(cfg, ours):
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     hf.load_state_dict({internal_name_to_hf(k, cfg): v for k, v in ours.state_dict().items()}, strict=False)
     return hf
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -124,9 +118,12 @@ def main() -> int:
     tokens = args.batch * args.seq_len
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     n_params = sum(p.numel() for p in ours.parameters())
-    print(
-        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads"
-    )
+    sys.path.insert(0, str(HERE))
+    from machine_info import machine
+
+    m = machine()
+    print(f"machine: {m['cpu']}, ISA level {m['isa_level']}, kernels {m['kernel_backend']}, torch {m['torch']} "
+          f"({m['cpu_capability']}), {args.threads} threads")  # fmt: skip
     print(
         f"model: {args.preset} ({n_params / 1e6:.1f}M parameters), batch {args.batch} x {args.seq_len}, {args.dtype}"
     )
@@ -136,8 +133,7 @@ def main() -> int:
     ratio = tps["gemmakit"] / tps["transformers"]
     print(f"gemmakit / transformers: {ratio:.2f}x")
     out = {"args": vars(args), "tokens_per_s": tps, "ratio": ratio, "params": n_params, "losses": losses,
-           "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                       "capability": torch.backends.cpu.get_cpu_capability()}}  # fmt: skip
+           "machine": m}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

@@ -38,13 +38,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gemmakit.errors import UserError
 from gemmakit.tokenizer import LAYOUT_TURN_IDS, Tokenizer
 
 SYSTEM_POLICIES = ("fold", "error")
 _ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}  # message role -> rendered
 
 
-class ChatError(ValueError):
+class ChatError(UserError):
     """A conversation cannot be rendered; the message names the message index and the problem."""
 
 
@@ -60,6 +61,7 @@ class Rendered:
 class _Turn:
     role: str  # as rendered: "user" or "model"
     body: str  # text between the "{role}\n" header and <end_of_turn>
+    ids: tuple[int, ...] | None = None  # the body's token ids as generated, used instead of encode(body)
 
 
 def _field(message: Any, index: int, key: str) -> str:
@@ -106,13 +108,17 @@ def render(
     system: str = "fold",
 ) -> Rendered:
     """Token ids and loss mask of `messages` ({"role", "content"} mappings) in Gemma's format."""
-    turns = _turns(messages, system)
+    return _render_turns(tokenizer, _turns(messages, system), add_generation_prompt)
+
+
+def _render_turns(tokenizer: Tokenizer, turns: Sequence[_Turn], add_generation_prompt: bool) -> Rendered:
+    """Ids and mask of validated turns; a turn's `ids`, when set, stand for its encoded body."""
     sot, eot = tokenizer.start_of_turn_id, tokenizer.end_of_turn_id
     newline = tokenizer.encode("\n", bos=False)
     headers = {role: [sot, *tokenizer.encode(role + "\n", bos=False)] for role in ("user", "model")}
     tokens, mask = [tokenizer.bos_id], [0]
     for turn in turns:
-        body = [*tokenizer.encode(turn.body, bos=False), eot]
+        body = [*(tokenizer.encode(turn.body, bos=False) if turn.ids is None else turn.ids), eot]
         tokens += headers[turn.role] + body + newline
         mask += [0] * len(headers[turn.role]) + [int(turn.role == "model")] * len(body)
         mask += [0] * len(newline)
@@ -154,17 +160,22 @@ class Conversation:
     """A growing chat for an interactive loop (the CLI): add turns, render the next prompt.
 
     Checks role order as turns are added, so a bad sequence fails at the call that causes it.
-    A system prompt is folded into the first user turn (see the module docstring).
+    A system prompt is folded into the first user turn (see the module docstring). A model turn
+    can carry the token ids the model generated; the next prompt then holds exactly those ids, so
+    the model is conditioned on what it really produced. Re-encoding the decoded text can give other
+    ids: SentencePiece need not segment a text the way sampling built it ("ab" sampled as "a" + "b"
+    encodes as "ab"), and the content is stripped before encoding.
     """
 
     def __init__(self, tokenizer: Tokenizer, system_prompt: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self._turns: list[dict[str, str]] = []
+        self._ids: list[tuple[int, ...] | None] = []  # per turn: the model's own ids, None for text
 
     @property
     def messages(self) -> list[dict[str, str]]:
-        """The conversation as {"role", "content"} dicts, system message first if set."""
+        """A copy of the conversation as {"role", "content"} dicts, system message first if set."""
         head = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         return head + [dict(m) for m in self._turns]
 
@@ -172,18 +183,41 @@ class Conversation:
         if self._turns and self._turns[-1]["role"] == "user":
             raise ChatError("a user turn must follow a model turn (or start the conversation)")
         self._turns.append({"role": "user", "content": text})
+        self._ids.append(None)
 
-    def add_model(self, text: str) -> None:
+    def add_model(self, text: str, token_ids: Sequence[int] | None = None) -> None:
+        """Add the model's reply: its text, and the ids it was decoded from (without the stop token)."""
         if not self._turns or self._turns[-1]["role"] != "user":
             raise ChatError("a model turn must follow a user turn")
         self._turns.append({"role": "assistant", "content": text})
+        self._ids.append(None if token_ids is None else tuple(int(t) for t in token_ids))
+
+    def drop_oldest_exchange(self) -> bool:
+        """Forget the oldest user turn and the model reply to it; False (nothing dropped) when no
+        complete exchange precedes the last turn. The system prompt stays."""
+        if len(self._turns) < 2:  # roles alternate, so two turns or more start with a user/model pair
+            return False
+        del self._turns[:2], self._ids[:2]
+        return True
+
+    def pop_user(self) -> str:
+        """Remove and return the last turn, which must be a user turn awaiting a reply."""
+        if not self._turns or self._turns[-1]["role"] != "user":
+            raise ChatError("the conversation does not end with a user turn")
+        self._ids.pop()
+        return self._turns.pop()["content"]
 
     def reset(self) -> None:
         """Forget all turns; the system prompt stays."""
         self._turns.clear()
+        self._ids.clear()
 
     def prompt_tokens(self) -> list[int]:
         """Ids to prefill before generating the next model reply (ends with "<start_of_turn>model\\n")."""
         if not self._turns or self._turns[-1]["role"] != "user":
             raise ChatError("the conversation must end with a user turn before asking for a reply")
-        return render(self.tokenizer, self.messages, add_generation_prompt=True).tokens
+        turns = _turns(self.messages, "fold")  # one per entry of self._turns, system folded into the first
+        turns = [
+            t if ids is None else _Turn(t.role, t.body, ids) for t, ids in zip(turns, self._ids, strict=True)
+        ]
+        return _render_turns(self.tokenizer, turns, add_generation_prompt=True).tokens

@@ -6,7 +6,9 @@ status 2, never a traceback; set GEMMAKIT_DEBUG=1 to see the traceback anyway.
 
 Key trade-off: `chat` re-renders and re-prefills the whole conversation every turn. That keeps
 the chat format in one place (`chat.render`) at the cost of re-reading earlier turns, which on a
-1B model costs well under a second per turn of history on a laptop CPU.
+1B model costs well under a second per turn of history on a laptop CPU. Model turns keep the ids
+the model generated (`Conversation.add_model(..., token_ids=...)`), so the re-rendered history is
+exactly what the model produced, not a re-encoding of its decoded text.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gemmakit.errors import UserError
+
 # The project's own small model, shipped inside the package (built by `gemmakit nano`, see README).
 NANO_DIR = Path(__file__).resolve().parent / "assets" / "nano"
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}  # fmt: skip
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command-line argument is invalid."""
 
 
@@ -140,6 +144,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         conv.add_user(text)
         prompt = _fit_context(conv, engine, args.max_new_tokens)
+        if prompt is None:
+            continue
         reply_ids: list[int] = []
         for piece, token in _stream_text(engine, tokenizer, prompt, args, stops):
             sys.stdout.write(piece)
@@ -148,17 +154,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 reply_ids.append(token)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        conv.add_model(tokenizer.decode(reply_ids))
+        conv.add_model(tokenizer.decode(reply_ids), token_ids=reply_ids)  # the next turn sees these ids
     return 0
 
 
-def _fit_context(conv: Any, engine: Any, max_new_tokens: int) -> list[int]:
-    """The conversation's prompt tokens, dropping the oldest exchanges if it would overflow the context."""
-    limit = engine.config.max_seq_len - min(max_new_tokens, engine.config.max_seq_len // 2)
+def _fit_context(conv: Any, engine: Any, max_new_tokens: int) -> list[int] | None:
+    """The prompt for the next reply, dropping the oldest exchanges while it would overflow the context
+    (one notice per dropped exchange). A user turn too long even on its own is removed and None returned,
+    with the history left as it was."""
+    from gemmakit.chat import render
+
+    size = engine.config.max_seq_len
+    limit = size - min(max_new_tokens, size // 2)  # room for a reply of up to half the context
+    messages = conv.messages
+    alone = render(conv.tokenizer, [m for m in messages[:1] if m["role"] == "system"] + messages[-1:])
+    if len(alone.tokens) > limit:
+        conv.pop_user()
+        print(f"(message too long: {len(alone.tokens)} tokens of prompt, the {size}-token context leaves "
+              f"{limit} for it; not sent)", file=sys.stderr)  # fmt: skip
+        return None
     prompt = conv.prompt_tokens()
-    while len(prompt) > limit and len(conv.messages) > 2:
-        start = 1 if conv.messages[0]["role"] == "system" else 0
-        del conv.messages[start : start + 2]  # the oldest user/model exchange
+    while len(prompt) > limit and conv.drop_oldest_exchange():
         print("(context full: dropped the oldest exchange)", file=sys.stderr)
         prompt = conv.prompt_tokens()
     return prompt
@@ -366,21 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from gemmakit import cli_data, cli_eval, cli_train
-    from gemmakit.chat import ChatError
-    from gemmakit.checkpoint import CheckpointError
-    from gemmakit.config import ConfigError
-    from gemmakit.export_gguf import GGUFError
-    from gemmakit.infer.engine import GenerationError
-    from gemmakit.quantize import QuantError
-    from gemmakit.tokenizer import TokenizerError
-
-    return (UsageError, ConfigError, CheckpointError, TokenizerError, ChatError, GenerationError, GGUFError,
-            QuantError, *cli_train.user_errors(), *cli_data.user_errors(),
-            *cli_eval.user_errors())  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:
-        if os.environ.get("GEMMAKIT_DEBUG") or not isinstance(e, _user_errors()):
+        if os.environ.get("GEMMAKIT_DEBUG") or not isinstance(e, UserError):
             raise
         message = " ".join(str(e).split())  # one line, whatever the library put in it
         print(f"gemmakit: error: {message}", file=sys.stderr)

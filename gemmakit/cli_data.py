@@ -78,15 +78,3 @@ def add_parsers(sub: Any) -> None:
     r = data.add_parser("report", help="re-render report.md / report.png from a run's stats.json")
     r.add_argument("dir", help="a finished data run's output directory")
     r.set_defaults(func=cmd_data_report)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from gemmakit.data.decontam import DecontamError
-    from gemmakit.data.dedup import DedupError
-    from gemmakit.data.filters import FilterError
-    from gemmakit.data.pipeline import PipelineError
-    from gemmakit.data.recipe import DataRecipeError
-    from gemmakit.data.report import ReportError
-    from gemmakit.data.sources import SourceError
-
-    return (DataRecipeError, PipelineError, ReportError, SourceError, FilterError, DedupError, DecontamError)

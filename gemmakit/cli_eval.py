@@ -119,8 +119,8 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
 
 def _memorization(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple[Any, Any]]) -> int:
     """The report's memorization test on token shards or a data run: memorization.json and .md."""
+    from gemmakit.artifact import atomic_open, write_json
     from gemmakit.eval.memorization import memorization
-    from gemmakit.fsio import atomic_open, write_json
 
     model, tokenizer = load(args)
     result = memorization(model, args.memorization, per_source=args.per_source, tokenizer=tokenizer,
@@ -160,13 +160,3 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
                    help="documents sampled per source for --memorization (default 10000, as the report)")  # fmt: skip
     p.add_argument("--report", metavar="DIR", help="only re-render DIR/report.md from DIR/results.json")
     p.set_defaults(func=lambda args: cmd_eval(args, load))
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from gemmakit.eval.execution import ExecutionRefused
-    from gemmakit.eval.humaneval import HumanEvalError
-    from gemmakit.eval.lm import LMError
-    from gemmakit.eval.memorization import MemorizationError
-    from gemmakit.eval.tasks import EvalError
-
-    return (EvalError, LMError, MemorizationError, ExecutionRefused, HumanEvalError)

@@ -117,15 +117,3 @@ def _add_nano(sub: Any) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_nano)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions of the training side that are the user's to fix (printed as one line, exit 2)."""
-    from gemmakit.data.loader import LoaderError
-    from gemmakit.data.shards import ShardError
-    from gemmakit.train import RecipeError, TrainError
-    from gemmakit.train.checkpoints import CheckpointError
-    from gemmakit.train.nano import NanoError
-    from gemmakit.train.sft import SFTDataError
-
-    return (RecipeError, TrainError, CheckpointError, SFTDataError, ShardError, LoaderError, NanoError)

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gemmakit.errors import UserError
+
 GLOBAL = "global"  # full causal attention
 LOCAL = "local"  # causal attention limited to the last `sliding_window` keys
 GENERATIONS = ("gemma1", "gemma2", "gemma3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value or file is invalid; the message names the field and what was expected."""
 
 

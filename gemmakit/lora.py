@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.checkpoint import CheckpointError, internal_name_to_hf
-from gemmakit.checkpoint.formats import _open_store, _sha256
-from gemmakit.checkpoint.save import _atomic_dir, _version, _write_file, _write_safetensors
+from gemmakit.artifact import ArtifactError, atomic_dir, recover, write_json
+from gemmakit.checkpoint import CheckpointError, internal_name_to_hf, open_store, write_safetensors
+from gemmakit.errors import UserError
 from gemmakit.model import Gemma
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _is_quantized(m: nn.Module) -> bool:
     )
 
 
-class LoraError(ValueError):
+class LoraError(UserError):
     """A LoRA config, model or adapter file is invalid; the message is one line naming what and why."""
 
 
@@ -249,16 +249,6 @@ def adapter_config(model: Gemma, cfg: LoraConfig, base_model_name_or_path: str =
     }  # fmt: skip
 
 
-def _manifest(model: Gemma, cfg: LoraConfig, weights: Path) -> bytes:
-    """manifest.json: what wrote the adapter, for which base config, and the weight file's hash."""
-    manifest = {
-        "format": FORMAT, "gemmakit_version": _version(), "config": model.config.to_dict(),
-        "lora": {**dataclasses.asdict(cfg), "targets": list(cfg.targets)},
-        "files": {weights.name: {"sha256": _sha256(weights), "size": weights.stat().st_size}},
-    }  # fmt: skip
-    return (json.dumps(manifest, indent=2) + "\n").encode()
-
-
 def save_adapter(model: Gemma, out_dir: str | Path, cfg: LoraConfig, *, base_model_name_or_path: str = "",
                  overwrite: bool = False) -> Path:  # fmt: skip
     """Write adapter_config.json + adapter_model.safetensors (PEFT's names) + manifest.json, atomically."""
@@ -278,13 +268,16 @@ def save_adapter(model: Gemma, out_dir: str | Path, cfg: LoraConfig, *, base_mod
     for key, (name, which, _) in _peft_names(model, cfg).items():
         tensors[key] = getattr(mods[name], which).detach().to("cpu").contiguous()
     conf = adapter_config(model, cfg, base_model_name_or_path)
-    weights = ADAPTER_WEIGHTS[0]
+    # manifest.json: what wrote the adapter, for which base config, and every file's hash
+    fields = {"format": FORMAT, "config": model.config.to_dict(),
+              "lora": {**dataclasses.asdict(cfg), "targets": list(cfg.targets)}}  # fmt: skip
     try:
-        with _atomic_dir(Path(out_dir), overwrite) as tmp:
-            _write_safetensors(tmp / weights, tensors)
-            _write_file(tmp / ADAPTER_CONFIG, (json.dumps(conf, indent=2) + "\n").encode())
-            _write_file(tmp / "manifest.json", _manifest(model, cfg, tmp / weights))
-    except CheckpointError as e:
+        with atomic_dir(
+            out_dir, overwrite=overwrite, producer="gemmakit.lora.save_adapter", extra=fields
+        ) as tmp:
+            write_safetensors(tmp / ADAPTER_WEIGHTS[0], tensors)
+            write_json(tmp / ADAPTER_CONFIG, conf)
+    except (ArtifactError, CheckpointError) as e:
         raise LoraError(str(e)) from None
     return Path(out_dir)
 
@@ -339,7 +332,7 @@ def load_adapter(model: Gemma, path: str | Path) -> Gemma:
     LoraError naming the file and the tensor.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and not recover(path):  # a writer killed mid-replace may have left it aside
         raise LoraError(
             f"{path}: expected a PEFT adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS[0]})"
         )
@@ -350,7 +343,7 @@ def load_adapter(model: Gemma, path: str | Path) -> Gemma:
     if file is None:
         raise LoraError(f"{path}: no {' or '.join(ADAPTER_WEIGHTS)} found")
     try:
-        store = _open_store([file], safetensors_only=False, where=file)
+        store = open_store([file], safetensors_only=False, where=file)
     except CheckpointError as e:
         raise LoraError(str(e)) from None
     cfg = _config_from(conf, path / ADAPTER_CONFIG, file, set(store.infos), model)

@@ -33,6 +33,7 @@ from pathlib import Path
 import sentencepiece
 
 from gemmakit.config import GENERATIONS
+from gemmakit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 _ESCAPES_TO_FFFD = {0xDC80 + b: 0xFFFD for b in range(128)}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file or a tokenizer call is invalid; the message is one line naming the culprit."""
 
 

@@ -124,6 +124,88 @@ def tiny_pair(out_dir: Path, seed: int = 0, std: float = 0.3, embed_std: float =
     return hf_dir, twin_of(model), tok
 
 
+# ---- near-ties ----------------------------------------------------------------------------------
+# GemmaLM (batched, padded) and lm-eval's HFLM (one row at a time) compute the same float32 logits up to
+# summation order: bit-identical on some CPUs, a few ulps of |logit| <= 30 apart on others. A greedy
+# token, an is_greedy flag or an argmax over choices can differ between them only where two candidates
+# are closer than that, so the agreement tests compare those only where the gap exceeds TIE_GAP (about
+# 400 ulps of the tiny model's largest logits, ~2.2); the smallest gap met on the tests' data is 2e-4.
+TIE_GAP = 1e-4
+
+
+def continuation_gaps(
+    model, tok: Tokenizer, context: str, continuation: str, max_length: int | None = None
+) -> list[float]:
+    """Per continuation token of a loglikelihood request: its logit minus the best other token's
+    (positive: the greedy pick), by one unpadded forward of `model` on the ids GemmaLM scores."""
+    from gemmakit.eval.lm import encode_pair
+
+    ctx, cont = encode_pair(tok, context, continuation)
+    inputs = (ctx + cont)[-((max_length or model.config.max_seq_len) + 1) :][:-1]
+    with torch.inference_mode():
+        logits = model(torch.tensor([inputs]))[0, -len(cont) :]
+    ids = torch.tensor(cont)[:, None]
+    return (logits.gather(-1, ids)[:, 0] - logits.scatter(-1, ids, float("-inf")).amax(-1)).tolist()
+
+
+def ll_tolerance(ll: float) -> float:
+    """How far the two sides' log-likelihoods may lie apart: 1e-5, or 1e-6 of |ll| for long continuations
+    (float32 sums: one ulp of a -100 total is 7.6e-6, of a -300 one 3.1e-5)."""
+    return max(1e-5, 1e-6 * abs(ll))
+
+
+def is_greedy_settled(gaps: list[float]) -> bool:
+    """Whether rounding cannot flip is_greedy: every token the clear top pick, or one clearly not."""
+    return min(gaps) > TIE_GAP or min(gaps) < -TIE_GAP
+
+
+def greedy_gap(model, tok: Tokenizer, prompt: str, max_tokens: int, max_length: int | None = None) -> float:
+    """The smallest top-1 minus top-2 logit gap on gemmakit's greedy path for a generate_until prompt
+    (left-truncated as GemmaLM does; max_tokens steps or up to a stop id), by one unpadded forward."""
+    from gemmakit.infer import Engine
+
+    ids = tok.encode(prompt)[-((max_length or model.config.max_seq_len) - max_tokens) :]
+    new = Engine(model).generate([ids], max_tokens, stop_tokens=tok.stop_ids)[0]
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids + new]))[0, len(ids) - 1 :][:max_tokens]
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[:, 0] - top2[:, 1]).min())
+
+
+def unsettled_docs(task, result, model, tok: Tokenizer, data_dir: Path) -> set[int]:
+    """Indices of `result`'s documents (a run_task result with GemmaLM's default max_length) whose greedy
+    text, is_greedy flags or scores a near-tie could flip: there, and only there, the agreement tests
+    let gemmakit and lm-eval differ."""
+    from gemmakit.eval.lm import GenerateRequest
+
+    docs, out = task.load(data_dir, task.eval_split), set()
+    for s in result.samples:
+        if all(isinstance(r, GenerateRequest) for r in s.requests):
+            settled = all(greedy_gap(model, tok, r.prompt, r.max_tokens) > TIE_GAP for r in s.requests)
+        else:  # the log-likelihoods agree within ll_tolerance: a score surviving that shift holds
+            gaps = [continuation_gaps(model, tok, r.context, r.continuation) for r in s.requests]
+            tol = max(ll_tolerance(ll) for ll, _ in s.responses)
+            settled = all(map(is_greedy_settled, gaps)) and scores_settled(
+                task, docs[s.doc_index], s.responses, tol
+            )
+        if not settled:
+            out.add(s.doc_index)
+    return out
+
+
+def scores_settled(task, doc, responses, tolerance: float) -> bool:
+    """Whether a document's scores stay the same when any two of its log-likelihoods move `tolerance`
+    apart (one up, one down: the worst case for an argmax over choices, raw or length-normalized)."""
+    base = task.score(doc, responses)
+    for i in range(len(responses)):
+        for j in range(len(responses)):
+            if i != j:
+                moved = [(ll + tolerance * ((k == i) - (k == j)), g) for k, (ll, g) in enumerate(responses)]
+                if task.score(doc, moved) != base:
+                    return False
+    return True
+
+
 # ---- benchmark samples in the upstream layouts --------------------------------------------------
 
 _WORDS_TEXT = (  # words of the tokenizer's training text (spm_helpers), so they tokenize compactly

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ISA_LEVELS = ("amx", "avx512_bf16", "avx512", "avx2", "scalar")
 
 
 def test_bench_generate_runs_and_agrees_with_transformers(tmp_path: Path) -> None:
@@ -24,7 +25,7 @@ def test_bench_generate_runs_and_agrees_with_transformers(tmp_path: Path) -> Non
         "transformers sdpa",
     }
     assert all(r["same_tokens_as_transformers_eager"] for r in result["results"].values())
-    assert result["machine"]["cpus"] >= 1
+    assert result["machine"]["cpus"] >= 1 and result["machine"]["isa_level"] in ISA_LEVELS
 
 
 def _load(name: str):
@@ -52,9 +53,35 @@ def test_data_throughput_gemmakit_half_runs(tmp_path: Path) -> None:
     assert not any(row["kept_by_kind"].get(k) for k in ("short", "symbols", "repetitive"))
     assert row["docs_s_per_core"] == row["docs_s"] == 300 / row["wall_s"]
     assert result["machine"]["cores"] >= 1 and "datatrove" in result["machine"]
+    assert result["machine"]["isa_level"] in ISA_LEVELS and "kernel_backend" in result["machine"]
     text = md.read_text()
     assert text.startswith("# Decode benchmark results\n\n| a | b |\n") and "| gemmakit | 1 |" in text
     assert not (tmp_path / "work" / "runs").exists()  # run directories removed unless --keep
+
+
+def test_machine_info_records_the_isa(monkeypatch) -> None:
+    """The shared machine record names the ISA flags, the kernel ISA level and backend, and the env caps."""
+    machine_info = _load("machine_info")
+    m = machine_info.machine()  # first call: imports and builds the kernels under the unchanged env
+    keys = {"cpu", "cpus", "cores", "isa", "isa_level", "kernel_backend", "bf16_prefill", "torch",
+            "torch_threads", "cpu_capability", "env", "python", "loadavg"}  # fmt: skip
+    assert keys <= m.keys() and m["cpus"] >= 1
+    assert m["isa_level"] in ISA_LEVELS and set(m["isa"]) <= set(machine_info.ISA_FLAGS)
+    assert m["kernel_backend"] == "torch" or m["kernel_backend"].startswith("native-")
+    assert json.loads(json.dumps(m))["isa_level"] == m["isa_level"]
+    monkeypatch.setenv("GEMMAKIT_KERNEL_ISA", "scalar")  # caps the level; the loaded kernels stay as built
+    capped = machine_info.machine()
+    assert capped["isa_level"] == "scalar" and capped["env"]["GEMMAKIT_KERNEL_ISA"] == "scalar"
+
+
+def test_every_results_file_records_the_isa() -> None:
+    """Each benchmarks/results/*.json says which ISA it was measured on: machine.isa_level is a level,
+    or says it was recorded before ISA tracking (then the file holds no proof of it)."""
+    files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert files
+    for path in files:
+        machine = json.loads(path.read_text())["machine"]
+        assert machine.get("isa_level") in (*ISA_LEVELS, "unknown (recorded before ISA tracking)"), path.name
 
 
 def test_results_sections_replaced_not_duplicated(tmp_path: Path) -> None:

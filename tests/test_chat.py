@@ -248,3 +248,39 @@ def test_conversation(tok):
     chat.add_user("Hello")
     assert chat.prompt_tokens() == first
     assert isinstance(render(tok, chat.messages), Rendered)
+
+
+def test_conversation_drops_the_oldest_exchange(tok):
+    chat = Conversation(tok, system_prompt="Be brief.")
+    chat.add_user("one")
+    assert not chat.drop_oldest_exchange()  # only the pending user turn: nothing to drop
+    chat.add_model("1")
+    chat.add_user("two")
+    chat.add_model("2")
+    chat.add_user("three")
+    assert chat.drop_oldest_exchange()
+    assert chat.messages == as_messages([(S, "Be brief."), (U, "two"), (A, "2"), (U, "three")])
+    assert chat.prompt_tokens() == render(tok, chat.messages).tokens  # the system prompt refolds
+    assert chat.drop_oldest_exchange()
+    assert not chat.drop_oldest_exchange()
+    assert chat.pop_user() == "three"
+    assert chat.messages == as_messages([(S, "Be brief.")])
+    with pytest.raises(ChatError, match="does not end with a user turn"):
+        chat.pop_user()
+
+
+def test_conversation_keeps_the_model_token_ids(tok):
+    """The next prompt holds the ids the model produced, not a re-encoding of their text."""
+    pieces = [tok.encode(c, bos=False) for c in "hello"]  # "hello" sampled letter by letter
+    sampled = [t for ids in pieces for t in ids]
+    assert sampled != tok.encode("hello", bos=False)  # SentencePiece merges them when re-encoding
+    chat = Conversation(tok)
+    chat.add_user("hi")
+    chat.add_model(tok.decode(sampled), token_ids=sampled)
+    chat.add_user("again")
+    prompt = chat.prompt_tokens()
+    as_text = render(tok, chat.messages).tokens
+    head = render(tok, as_messages([(U, "hi")])).tokens
+    merged = tok.encode("hello", bos=False)
+    assert as_text[len(head) : len(head) + len(merged)] == merged
+    assert prompt == head + sampled + as_text[len(head) + len(merged) :]  # the rest is rendered as usual

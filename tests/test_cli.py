@@ -83,6 +83,43 @@ def test_chat_turns_reset_and_exit(model_dir: Path) -> None:
     assert "(conversation cleared)" in proc.stderr
 
 
+def test_fit_context_drops_one_exchange_per_notice(model_dir: Path, capsys) -> None:
+    from gemmakit.chat import Conversation
+    from gemmakit.checkpoint import load_model
+    from gemmakit.cli import _fit_context
+
+    tok, engine = Tokenizer.load(model_dir), Engine(load_model(model_dir))  # a 256-token context
+    conv = Conversation(tok, system_prompt="sys")
+    for i in range(12):
+        conv.add_user(f"question {i} " * 4)
+        conv.add_model(f"answer {i} " * 4)
+    conv.add_user("last question")
+    full = conv.messages
+    # the fewest oldest exchanges whose removal makes the prompt fit under 256 - 64 tokens
+    fits = [d for d in range(13) if len(render(tok, full[:1] + full[1 + 2 * d :]).tokens) <= 256 - 64]
+    prompt = _fit_context(conv, engine, max_new_tokens=64)
+    assert 0 < fits[0] < 12 and conv.messages == full[:1] + full[1 + 2 * fits[0] :]
+    assert capsys.readouterr().err.count("dropped the oldest exchange") == fits[0]
+    assert prompt == render(tok, conv.messages).tokens
+    conv.add_model("an answer")
+    history = conv.messages
+    conv.add_user("word " * 400)  # alone longer than the context: refused, history kept, chat goes on
+    assert _fit_context(conv, engine, max_new_tokens=64) is None
+    assert conv.messages == history and "message too long" in capsys.readouterr().err
+
+
+def test_chat_outgrowing_the_context_finishes() -> None:
+    """40 long turns into the bundled nano model (1024-token context): the oldest exchanges are dropped,
+    each with one notice, and the chat ends at /exit (it used to loop forever printing the notice)."""
+    line = "Tell me about " + ", ".join(f"the castle number {i} and its twelve knights" for i in range(12))
+    stdin = "\n".join([line] * 40) + "\n" + "word " * 2000 + "\n/exit\n"
+    proc = run("chat", "--max-new-tokens", "16", "--temperature", "0", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notices = proc.stderr.count("(context full: dropped the oldest exchange)")
+    assert 1 <= notices < 40, proc.stderr[-2000:]  # at most one exchange dropped per turn here
+    assert proc.stderr.count("message too long") == 1 and "Traceback" not in proc.stderr
+
+
 def test_info_without_loading(model_dir: Path) -> None:
     proc = run("info", "--model", str(model_dir))
     assert proc.returncode == 0, proc.stderr

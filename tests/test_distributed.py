@@ -1,5 +1,5 @@
 """Real multi-process training: torchrun with 2 gloo ranks (DDP and FSDP2) against one process with the
-same global batch. Same data, same initial weights, same per-step losses within 1e-5."""
+same global batch. Same data, same initial weights, same per-step losses to float32 rounding."""
 
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def test_two_ranks_match_one_process(setup, mode: str) -> None:
     raw = {**raw, "data": {**raw["data"], "batch_size": 2}, "parallel": {"mode": mode}}
     losses = _torchrun(raw, tmp / mode)
     assert len(losses) == len(single)
-    assert max(abs(a - b) for a, b in zip(losses, single, strict=True)) < 1e-5, (losses, single)
+    # 2 ranks x 2 rows vs 4 rows per micro-batch, gradients all-reduced: the same sums in another order,
+    # carried through 6 AdamW steps (measured: 2.4e-7 of the loss, ~3 float32 ulps of a loss of ~6)
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, single, strict=True)) < 1.5e-6, (losses, single)
     assert single[-1] < single[0]
     # the checkpoint a 2-rank run writes holds one state file per rank and loads in one process
     step_dir = tmp / mode / "checkpoints" / "step-000006"

@@ -15,7 +15,16 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from eval_helpers import CompletionsServer, hflm, intra_op_threads, tiny_pair  # noqa: E402
+from eval_helpers import (  # noqa: E402
+    TIE_GAP,
+    CompletionsServer,
+    continuation_gaps,
+    greedy_gap,
+    hflm,
+    intra_op_threads,
+    is_greedy_settled,
+    tiny_pair,
+)
 
 from gemmakit.eval.lm import (  # noqa: E402
     GemmaLM,
@@ -73,11 +82,32 @@ def _instances(kind: str, args: list[tuple]) -> list:
     return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
 
 
-def _assert_scores_close(ours, theirs, tol=1e-5):
-    assert len(ours) == len(theirs)
+def _settled(pair, requests, max_length=None) -> list[bool]:
+    """Per request: whether no near-tie can flip its is_greedy flag (eval_helpers.TIE_GAP)."""
+    _, model, tok = pair
+    return [
+        is_greedy_settled(continuation_gaps(model, tok, r.context, r.continuation, max_length))
+        for r in requests
+    ]
+
+
+def _assert_scores_close(ours, theirs, settled, tol=1e-5):
+    """Log-likelihoods within `tol` or ROLLING_RTOL (float32 sums: one ulp of the 45-token continuation's
+    -297 is 3.1e-5; with AVX2 GEMMs the server's one-row forward and GemmaLM's batch differ by 2.7e-5
+    there); is_greedy equal wherever `settled` (all requests here; smallest |gap| measured: 0.039)."""
+    assert len(ours) == len(theirs) == len(settled) and sum(settled) >= 0.9 * len(settled)
     for i, ((ll, greedy), (ref_ll, ref_greedy)) in enumerate(zip(ours, theirs, strict=True)):
-        assert abs(ll - ref_ll) <= tol, f"request {i}: {ll} vs {ref_ll}"
-        assert greedy == ref_greedy, f"request {i}: is_greedy {greedy} vs {ref_greedy}"
+        assert math.isclose(ll, ref_ll, rel_tol=ROLLING_RTOL, abs_tol=tol), f"request {i}: {ll} vs {ref_ll}"
+        assert greedy == ref_greedy or not settled[i], f"request {i}: is_greedy {greedy} vs {ref_greedy}"
+
+
+def _assert_same_text(ours, theirs, pair, requests, max_length=None):
+    """Greedy generations equal wherever gemmakit's path has no near-tie (measured: smallest gap 5.7e-4)."""
+    _, model, tok = pair
+    settled = [greedy_gap(model, tok, r.prompt, r.max_tokens, max_length) > TIE_GAP for r in requests]
+    assert len(ours) == len(theirs) == len(settled) and sum(settled) >= 0.8 * len(settled)
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert a == b or not settled[i], f"request {i}: {a!r} vs {b!r}"
 
 
 # ---- GemmaLM against lm-eval's HFLM ----------------------------------------------------------------
@@ -101,7 +131,7 @@ def test_loglikelihood_matches_hflm(pair):
         _instances("loglikelihood", [(r.context, r.continuation) for r in requests])
     )
     ours = GemmaLM(model, tok, batch_size=3, max_length=48).loglikelihood(requests)
-    _assert_scores_close(ours, theirs)
+    _assert_scores_close(ours, theirs, _settled(pair, requests, 48))
     assert ours[-1][1] and not all(g for _, g in ours)
 
 
@@ -127,7 +157,8 @@ def test_generate_until_matches_hflm(pair):
     ]
     theirs = hflm(hf_dir, max_length=64).generate_until(_instances("generate_until", args))
     for batch_size in (1, 4):
-        assert GemmaLM(model, tok, batch_size=batch_size, max_length=64).generate_until(PROMPTS) == theirs
+        ours = GemmaLM(model, tok, batch_size=batch_size, max_length=64).generate_until(PROMPTS)
+        _assert_same_text(ours, theirs, pair, PROMPTS, 64)
     assert len({t for t in theirs if t}) >= 3, theirs  # not a degenerate model
 
 
@@ -165,8 +196,11 @@ def test_scores_do_not_depend_on_batch_mates(pair):
     _, model, tok = pair
     requests = REQUESTS * 2 + [LoglikelihoodRequest("a", " b")]
     alone = GemmaLM(model, tok, batch_size=1).loglikelihood(requests)
+    settled = _settled(pair, requests)  # batch mates change padding and GEMM shapes: rounding only
     for batch_size in (3, 8, 32):
-        _assert_scores_close(GemmaLM(model, tok, batch_size=batch_size).loglikelihood(requests), alone)
+        _assert_scores_close(
+            GemmaLM(model, tok, batch_size=batch_size).loglikelihood(requests), alone, settled
+        )
 
 
 def test_bad_arguments_are_one_line_errors(pair):
@@ -205,7 +239,9 @@ def test_openai_adapter_matches_gemma_lm(pair, tokenized):
         client = OpenAICompatibleLM(url, "tiny", tokenizer=tok if tokenized else None, batch_size=3)
         # in text mode a token straddling the context end counts as context: skip "foo" + "bar"
         requests = [r for r in REQUESTS if tokenized or r.context != "foo"]
-        _assert_scores_close(client.loglikelihood(requests), reference.loglikelihood(requests))
+        _assert_scores_close(
+            client.loglikelihood(requests), reference.loglikelihood(requests), _settled(pair, requests)
+        )
         texts = TEXTS[:4]
         texts = [RollingRequest(t) for t in texts]
         for a, b in zip(
@@ -213,7 +249,7 @@ def test_openai_adapter_matches_gemma_lm(pair, tokenized):
         ):
             assert math.isclose(a, b, rel_tol=ROLLING_RTOL, abs_tol=1e-5), (a, b)
         prompts = [p for p in PROMPTS if p.prompt != LONG]
-        assert client.generate_until(prompts) == reference.generate_until(prompts)
+        _assert_same_text(client.generate_until(prompts), reference.generate_until(prompts), pair, prompts)
         assert client.token_count(LONG) == reference.token_count(LONG)
     echo = next(body for body in server.requests if body.get("echo"))
     assert (echo["logprobs"], echo["max_tokens"], echo["temperature"]) == (1, 1, 0)

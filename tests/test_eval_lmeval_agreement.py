@@ -5,10 +5,12 @@ the same SentencePiece file) and evaluated twice on the same local files, writte
 layouts (tests/eval_helpers.py): by lm-eval's own HFLM (CPU, float32, batch size 1, eager attention)
 through its own task YAMLs, each `include`d with only the dataset location overridden, and by
 `run_task(..., GemmaLM(twin, batch_size=4), protocol)`. Per document the prompts must be the same
-strings, per request the log-likelihoods within 1e-5 with the same is-greedy flag and the generated
-text identical, and per task every metric identical. Besides the lm-eval defaults (0-shot, GSM8K
-5-shot), a 2-shot run of four tasks checks few-shot sampling, including lm-eval's drop of the
-evaluated document from the few-shot pool (BoolQ's train split contains one validation document).
+strings, per request the log-likelihoods within 1e-5 (1e-6 relative for long ones) with the same
+is-greedy flag and the generated text identical, and per task every metric identical (text, flags
+and scores wherever no near-tie lets float32 rounding decide: eval_helpers.TIE_GAP). Besides the
+lm-eval defaults (0-shot, GSM8K 5-shot), a 2-shot run of four tasks checks few-shot sampling,
+including lm-eval's drop of the evaluated document from the few-shot pool (BoolQ's train split
+contains one validation document).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from eval_helpers import intra_op_threads, lmeval_evaluate, tiny_pair, write_samples  # noqa: E402
+from eval_helpers import (  # noqa: E402
+    intra_op_threads,
+    ll_tolerance,
+    lmeval_evaluate,
+    tiny_pair,
+    unsettled_docs,
+    write_samples,
+)
 
 from gemmakit.eval.lm import GemmaLM  # noqa: E402
 from gemmakit.eval.tasks import Protocol, TaskProtocol, get_protocol, get_task, run_task  # noqa: E402
@@ -113,14 +122,30 @@ def _by_doc(samples: list[dict]) -> dict[int, list[dict]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def unsettled(setup, our_results) -> dict[str, set[int]]:
+    """Per run, the documents whose greedy text, is_greedy flags or scores a near-tie could flip
+    (eval_helpers.unsettled_docs): the two sides compute the same logits up to float32 summation
+    order, so only there may they differ. None of the tests' documents is one (measured: smallest GSM8K
+    greedy-path gap 2.0e-4, smallest is_greedy gap 0.57, smallest log-likelihood margin between two
+    choices 2.7e-4 against the 2e-5 that matters here)."""
+    _, model, tok, data_dir, _ = setup
+    return {
+        _run_name(t, k): unsettled_docs(get_task(t), our_results[_run_name(t, k)], model, tok, data_dir)
+        for t, k in RUNS
+    }
+
+
 @pytest.mark.parametrize("task,shots", RUNS, ids=[_run_name(t, s) for t, s in RUNS])
-def test_requests_and_loglikelihoods_agree(task, shots, lmeval_results, our_results):
+def test_requests_and_loglikelihoods_agree(task, shots, lmeval_results, our_results, unsettled):
     name = _run_name(task, shots)
     theirs, ours = _by_doc(lmeval_results["samples"][name]), our_results[name]
     assert len(theirs) == ours.n == 20
+    assert len(unsettled[name]) <= 2, sorted(unsettled[name])
     worst = 0.0
     for sample in ours.samples:
         logged = theirs[sample.doc_index][0]
+        settled = sample.doc_index not in unsettled[name]
         assert len(logged["arguments"]) == len(sample.requests)
         for args, resp, request, response in zip(
             logged["arguments"], logged["resps"], sample.requests, sample.responses, strict=True
@@ -129,26 +154,31 @@ def test_requests_and_loglikelihoods_agree(task, shots, lmeval_results, our_resu
                 prompt, gen_kwargs = args
                 assert (prompt, tuple(gen_kwargs["until"])) == (request.prompt, request.until)
                 assert request.max_tokens == gen_kwargs["max_gen_toks"] == GEN_TOKENS
-                assert resp[0] == response, f"doc {sample.doc_index}: generations differ"
+                assert resp[0] == response or not settled, f"doc {sample.doc_index}: generations differ"
             else:
                 assert tuple(args) == (request.context, request.continuation)
                 (ll, greedy) = resp[0]
-                assert greedy == response[1], f"doc {sample.doc_index}: is_greedy differs"
-                worst = max(worst, abs(ll - response[0]))
-    assert worst <= 1e-5, f"{name}: largest log-likelihood difference {worst:.2e}"
+                assert greedy == response[1] or not settled, f"doc {sample.doc_index}: is_greedy differs"
+                worst = max(worst, abs(ll - response[0]) / ll_tolerance(response[0]))
+    assert worst <= 1, f"{name}: largest log-likelihood difference {worst:.2f} x its ll_tolerance"
 
 
 @pytest.mark.parametrize("task,shots", RUNS, ids=[_run_name(t, s) for t, s in RUNS])
-def test_scores_identical(task, shots, lmeval_results, our_results):
+def test_scores_identical(task, shots, lmeval_results, our_results, unsettled):
     name = _run_name(task, shots)
-    ours, theirs = our_results[name], lmeval_results["results"][name]
+    ours, theirs, skip = our_results[name], lmeval_results["results"][name], unsettled[name]
     keys = {metric: f"exact_match,{f}" for f, metric in FILTER_METRIC.items()}
     for metric, value in ours.metrics.items():
-        assert theirs[keys.get(metric, f"{metric},none")] == value, f"{name} {metric}"
+        # identical, unless a document on a near-tie (none here) scored differently: 1/n of a mean each
+        assert abs(theirs[keys.get(metric, f"{metric},none")] - value) <= len(skip) / ours.n, (
+            f"{name} {metric}"
+        )
         stderr = theirs[keys.get(metric, f"{metric},none").replace(",", "_stderr,")]
-        assert math.isclose(stderr, ours.stderr[metric], rel_tol=1e-12, abs_tol=1e-15)
+        assert math.isclose(stderr, ours.stderr[metric], rel_tol=1e-12, abs_tol=1e-15) or skip
     # and per document, filter by filter
     for sample in lmeval_results["samples"][name]:
+        if sample["doc_id"] in skip:
+            continue
         ours_doc = ours.samples[sample["doc_id"]].scores
         for key in sample["metrics"]:
             assert ours_doc[FILTER_METRIC.get(sample["filter"], key)] == sample[key]

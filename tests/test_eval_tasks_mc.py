@@ -11,11 +11,13 @@ lm-evaluation-harness 0.4.13, on small generated samples in the upstream layouts
 - Agreement: one random tiny Gemma 2 (tests/eval_helpers.tiny_pair) evaluated by lm-eval's HFLM through
   its own task YAMLs (`include`d, only the dataset location overridden; MMLU and AGIEval as groups of
   their renamed subtasks with the upstream aggregation) and by `run_task(..., GemmaLM)`: per document
-  the same prompt strings, per request log-likelihoods within 1e-5 and the same generations, per task
-  the same scores (groups: to 1e-12, lm-eval sums size-weighted subtask means). 0-shot (lm-eval's
-  defaults) and 2-shot runs, the latter covering MMLU's fixed first-n examples with its subject
-  description, NQ's description and "\\n" delimiter, and lm-eval's drop of the evaluated document from
-  the few-shot pool (CommonsenseQA's train split holds one validation document).
+  the same prompt strings, per request log-likelihoods within 1e-5 (1e-6 relative for long ones) and
+  the same generations, per task the same scores (groups: to 1e-12, lm-eval sums size-weighted subtask
+  means); generations, is-greedy flags and scores wherever no near-tie lets float32 rounding decide
+  (eval_helpers.TIE_GAP). 0-shot (lm-eval's defaults) and 2-shot runs, the latter covering MMLU's
+  fixed first-n examples with its subject description, NQ's description and "\\n" delimiter, and
+  lm-eval's drop of the evaluated document from the few-shot pool (CommonsenseQA's train split holds
+  one validation document).
 - AGIEval few-shot, which lm-eval cannot run, is checked against prompts written out by hand.
 """
 
@@ -28,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from eval_helpers import intra_op_threads, lmeval_evaluate, one_line_error
+from eval_helpers import intra_op_threads, ll_tolerance, lmeval_evaluate, one_line_error, unsettled_docs
 from eval_samples_mc import AGIEVAL_SUBSETS, AGIEVAL_TEST, MMLU_COMPARED, MMLU_TEST, write_mc_samples
 
 from gemmakit.eval.tasks import Protocol, TaskProtocol, get_protocol, read_rows, run_task
@@ -367,12 +369,27 @@ def _pairs(task: str, shots: int, lmeval_results: dict, ours, mmlu_subjects: lis
     return list(zip(samples, theirs, strict=True))
 
 
+@pytest.fixture(scope="module")
+def unsettled(setup, our_results, data_dir) -> dict[str, set[int]]:
+    """Per run, the documents whose greedy text, is_greedy flags or scores a near-tie could flip
+    (eval_helpers.unsettled_docs): only there may the two sides differ, float32 summation order deciding.
+    None here (measured: smallest greedy-path gap 3.9e-4, is_greedy gap 0.54, log-likelihood margin
+    between two choices 9.4e-5 against the 2e-5 that matters)."""
+    _, model, tok, _ = setup
+    return {
+        _run_name(t, k): unsettled_docs(TASKS[t](), our_results[_run_name(t, k)], model, tok, data_dir)
+        for t, k in RUNS
+    }
+
+
 @pytest.mark.parametrize("task,shots", RUNS, ids=[_run_name(t, s) for t, s in RUNS])
-def test_requests_and_answers_agree(task, shots, lmeval_results, our_results, mmlu_subjects):
-    worst = 0.0
+def test_requests_and_answers_agree(task, shots, lmeval_results, our_results, mmlu_subjects, unsettled):
+    worst, skip = 0.0, unsettled[_run_name(task, shots)]
+    assert len(skip) <= len(our_results[_run_name(task, shots)].samples) // 10, sorted(skip)
     for sample, logged in _pairs(
         task, shots, lmeval_results, our_results[_run_name(task, shots)], mmlu_subjects
     ):
+        settled = sample.doc_index not in skip
         assert len(logged["arguments"]) == len(sample.requests)
         for args, resp, request, response in zip(
             logged["arguments"], logged["resps"], sample.requests, sample.responses, strict=True
@@ -381,29 +398,34 @@ def test_requests_and_answers_agree(task, shots, lmeval_results, our_results, mm
                 prompt, gen_kwargs = args
                 assert (prompt, tuple(gen_kwargs["until"])) == (request.prompt, request.until)
                 assert request.max_tokens == gen_kwargs["max_gen_toks"]
-                assert resp[0] == response, f"doc {sample.doc_index}: generations differ"
+                assert resp[0] == response or not settled, f"doc {sample.doc_index}: generations differ"
             else:
                 assert tuple(args) == (request.context, request.continuation)
                 ll, greedy = resp[0]
-                assert greedy == response[1], f"doc {sample.doc_index}: is_greedy differs"
-                worst = max(worst, abs(ll - response[0]))
-    assert worst <= 1e-5, f"{task} {shots}-shot: largest log-likelihood difference {worst:.2e}"
+                assert greedy == response[1] or not settled, f"doc {sample.doc_index}: is_greedy differs"
+                worst = max(worst, abs(ll - response[0]) / ll_tolerance(response[0]))
+    assert worst <= 1, (
+        f"{task} {shots}-shot: largest log-likelihood difference {worst:.2f} x its ll_tolerance"
+    )
 
 
 @pytest.mark.parametrize("task,shots", RUNS, ids=[_run_name(t, s) for t, s in RUNS])
-def test_scores_agree(task, shots, lmeval_results, our_results, mmlu_subjects):
+def test_scores_agree(task, shots, lmeval_results, our_results, mmlu_subjects, unsettled):
     name = _run_name(task, shots)
-    ours, theirs = our_results[name], lmeval_results["results"][name]
+    ours, theirs, skip = our_results[name], lmeval_results["results"][name], unsettled[name]
+    slack = len(skip) / ours.n  # a document on a near-tie (none here) may score differently: 1/n of a mean
     key = "{},remove_whitespace" if task in GENERATIVE else "{},none"
     for metric, value in ours.metrics.items():
         if _lmeval_subsets(task, shots) == getattr(TASKS[task], "subsets", ()) != ():
             # a whole group: lm-eval sums size-weighted subtask means (its stderr differs: see mmlu.py)
-            assert math.isclose(theirs[key.format(metric)], value, rel_tol=1e-12), metric
+            assert math.isclose(theirs[key.format(metric)], value, rel_tol=1e-12, abs_tol=slack), metric
         elif task != "mmlu":  # (few-shot MMLU: three subjects only, compared per document below)
-            assert theirs[key.format(metric)] == value, metric
+            assert abs(theirs[key.format(metric)] - value) <= slack, metric
             stderr = theirs[key.format(metric).replace(",", "_stderr,")]
-            assert math.isclose(stderr, ours.stderr[metric], rel_tol=1e-12, abs_tol=1e-15)
+            assert math.isclose(stderr, ours.stderr[metric], rel_tol=1e-12, abs_tol=1e-15) or skip
     for sample, logged in _pairs(task, shots, lmeval_results, ours, mmlu_subjects):
+        if sample.doc_index in skip:
+            continue
         for metric in ours.metrics:
             assert sample.scores[metric] == logged[metric], f"doc {sample.doc_index} {metric}"
 

@@ -559,7 +559,10 @@ def test_llama_cpp_f32_logits_and_greedy_match(gen, llama, llama_exports, tokeni
     for _ in range(16):
         theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([theirs[-1]])
-    assert theirs == ours, f"smallest top-2 margin on gemmakit's path: {margin:.4f}"
+    # llama.cpp's f32 matmuls sum in another order: a token may flip only where gemmakit's top-2 gap is
+    # below twice the logit difference (that on the prompt, with 2x headroom for the cached steps)
+    diff = float(np.abs(got - want).max())
+    assert theirs == ours or margin <= 4 * diff, f"smallest top-2 margin on gemmakit's path: {margin:.4f}"
 
 
 @pytest.mark.slow

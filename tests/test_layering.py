@@ -12,8 +12,9 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "gemmakit"
 
 RANK = {
+    "errors": -1,  # below everything: config and artifact (rank 0) raise its errors
     "config": 0,
-    "fsio": 0,
+    "artifact": 0,
     "tokenizer": 1,
     "model": 1,
     "chat": 2,
@@ -70,6 +71,25 @@ def test_imports_go_one_way() -> None:
             target = name.split(".")[1]
             if target != src and RANK[target] >= RANK[src]:
                 bad.append(f"{path.relative_to(PKG)} ({src}) imports {name} ({target})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_private_names_imported_from_another_unit() -> None:
+    """`from gemmakit.X... import _name` only inside unit X: what other units use is public, documented API."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        src = _unit(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                continue
+            parts = node.module.split(".")
+            if parts[0] != "gemmakit" or (len(parts) > 1 and parts[1] == src):
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if private:
+                bad.append(
+                    f"{path.relative_to(PKG)}:{node.lineno} ({src}) imports {private} from {node.module}"
+                )
     assert not bad, "\n".join(bad)
 
 

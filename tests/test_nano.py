@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -46,3 +47,26 @@ def test_nano_smoke_build(tmp_path: Path) -> None:
     prompt = render(tok, [{"role": "user", "content": "Hello!"}]).tokens
     [new] = gemmakit.Engine(model).generate([prompt], 8)
     assert len(new) >= 1
+
+
+def test_build_inputs_and_kernel_source_ship_as_package_data() -> None:
+    """`gemmakit nano` and the kernels read files from the installed package, never the repository:
+    each of them must be matched by pyproject.toml's package-data globs, or a wheel would lack it."""
+    import fnmatch
+    import tomllib
+
+    from gemmakit.quantize import kernels
+    from gemmakit.train import nano
+
+    pkg = Path(gemmakit.__file__).resolve().parent
+    globs = tomllib.loads((pkg.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    needed = [*(nano.BUILD_DIR / n for n in ("shakespeare.tar.xz", "shakespeare.sha256", "nano-pretrain.toml",
+                                             "nano-sft.toml")), kernels.SOURCE_FILE]  # fmt: skip
+    for path in needed:
+        assert path.is_file(), path
+        rel = path.relative_to(pkg).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs["gemmakit"]), f"{rel} is not package data"
+    assert (
+        nano._expected_sha256()
+        == hashlib.sha256(nano.BUILD_DIR.joinpath("shakespeare.tar.xz").read_bytes()).hexdigest()
+    )

@@ -61,7 +61,9 @@ def test_sft_lowers_the_loss_changes_every_parameter_and_exports(tmp_path: Path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
     tokens = random_tokens(1, 12)
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, final(tokens), rtol=0, atol=1e-5)
+        ours = final(tokens)  # eager attention; transformers loads the export with SDPA: rounding only
+        # (measured 3.4e-7 * max |logit| with AVX-512 and AVX2 GEMMs)
+        torch.testing.assert_close(hf(tokens).logits, ours, rtol=0, atol=4e-6 * float(ours.abs().max()))
 
 
 @pytest.mark.parametrize("whole_bytes", [0, 256 << 20])  # chunked with recompute; one piece
@@ -133,14 +135,15 @@ _KILL_IN_SAVE = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from gemmakit.train import checkpoints, recipe_from_dict, run
+    from gemmakit import artifact
+    from gemmakit.train import recipe_from_dict, run
     raw, out, kill_step = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    real = checkpoints.write_json
+    real = artifact.write_json
     def write_json(path, obj):  # SIGKILL just before the manifest of step `kill_step` is written
         if path.name == "manifest.json" and obj.get("step") == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, obj)
-    checkpoints.write_json = write_json
+    artifact.write_json = write_json
     run(recipe_from_dict(raw), out)
 """)
 
@@ -258,6 +261,7 @@ def test_recipe_errors_name_the_key(tmp_path: Path) -> None:
 def test_every_shipped_recipe_loads() -> None:
     # data_*.toml are data-pipeline recipes (tests/test_data_pipeline.py loads those).
     recipes = sorted(p for p in (ROOT / "recipes").glob("*.toml") if not p.name.startswith("data_"))
+    recipes += sorted((ROOT / "gemmakit" / "assets" / "nano-build").glob("*.toml"))  # the nano build's
     assert recipes, "no recipes shipped"
     for path in recipes:
         load_recipe(path)

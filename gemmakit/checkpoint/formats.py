@@ -1,6 +1,7 @@
 """Weight files: content-based format detection, safetensors header validation, weights-only unpickling.
 
-Where it sits: under `load` (and `save`, which shares the error type, dtype table and hashing).
+Where it sits: under `load` (and `save`, which shares the error type and dtype table); hashing
+is `gemmakit.artifact.sha256_file`.
 Formats are told apart by content, never by file name (`detect_format`): safetensors is an 8-byte
 little-endian header length followed by a JSON object; a PyTorch zip pickle starts `PK\\x03\\x04`;
 a legacy pickle starts with the protocol byte `\\x80`. Pickles are only opened with
@@ -15,7 +16,6 @@ cannot be mapped and are read into memory whole.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -25,25 +25,25 @@ from typing import Any
 
 import torch
 
-MANIFEST = "manifest.json"
+from gemmakit.errors import UserError
+
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on header bytes
 _USABLE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or written; the message is one line naming the file and problems."""
 
 
-def _err(where: Path | str, problems: str | list[str]) -> CheckpointError:
+def checkpoint_error(where: Path | str, problems: str | list[str]) -> CheckpointError:
+    """The one-line CheckpointError `WHERE: problem` (or `WHERE: N problems: a; b`), whitespace folded."""
     items = [problems] if isinstance(problems, str) else problems
     items = [" ".join(p.split()) for p in items]  # one line, always
     body = items[0] if len(items) == 1 else f"{len(items)} problems: " + "; ".join(items)
     return CheckpointError(f"{where}: {body}")
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+_err = checkpoint_error  # the short name this package's modules use
 
 
 # ---- format detection and safetensors header validation ------------------------------------------
@@ -201,7 +201,12 @@ def _torch_load(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _open_store(files: list[Path], safetensors_only: bool, where: Path) -> _Store:
+def open_store(files: list[Path], safetensors_only: bool, where: Path) -> _Store:
+    """The tensors of `files` (names, dtypes, shapes; data fetched lazily), told apart by content.
+
+    `safetensors_only` refuses any pickle; a tensor stored twice, like any other problem, is one
+    CheckpointError naming `where`.
+    """
     store, problems = _Store(), []
     for path in files:
         fmt = detect_format(path)

@@ -26,15 +26,14 @@ from typing import Any
 
 import torch
 
+from gemmakit.artifact import MANIFEST, recover, sha256_file
 from gemmakit.checkpoint.formats import (
     _USABLE,
-    MANIFEST,
     CheckpointError,
     _err,
     _Info,
-    _open_store,
-    _sha256,
     _Store,
+    open_store,
 )
 from gemmakit.checkpoint.names import (
     _GP_BUFFERS,
@@ -85,7 +84,7 @@ class _Source:
 
 
 def _resolve(path: Path) -> _Source:
-    if not path.exists():
+    if not path.exists() and not recover(path):  # a writer killed mid-replace may have left it aside
         raise _err(path, "no such file or directory")
     if path.is_file():
         sibling = path.parent / MANIFEST
@@ -179,7 +178,7 @@ def _check_manifest(src: _Source, verify: bool) -> list[str]:
             problems.append(
                 f"{path.name}: size expected {rec.get('size')} (manifest.json), found {path.stat().st_size}"
             )
-        elif verify and rec.get("sha256") != _sha256(path):
+        elif verify and rec.get("sha256") != sha256_file(path):
             problems.append(f"{path.name}: sha256 differs from manifest.json")
     return problems
 
@@ -287,7 +286,7 @@ def _load(
     if src.manifest is not None and _read_json(src.manifest).get("format") == "quantized":
         raise _err(src.manifest.parent, "a quantized checkpoint (see manifest.json); load it with "
                                         "gemmakit.load() or gemmakit.quantize.load_quantized()")  # fmt: skip
-    store = _open_store(src.files, src.safetensors_only, src.where)
+    store = open_store(src.files, src.safetensors_only, src.where)
     infos = _normalize(store)
     layout = _layout(list(infos))
     cfg, cfg_src = _config_for(src, infos, layout, config)
@@ -311,7 +310,7 @@ def describe(path: str | Path, config: ModelConfig | None = None) -> dict[str, A
     common floating dtype stored), "files"}. Raises `CheckpointError` like `load_model`.
     """
     src = _resolve(Path(path))
-    infos = _normalize(_open_store(src.files, src.safetensors_only, src.where))
+    infos = _normalize(open_store(src.files, src.safetensors_only, src.where))
     layout = _layout(list(infos))
     cfg, cfg_src = _config_for(src, infos, layout, config)
     counts: dict[torch.dtype, int] = {}

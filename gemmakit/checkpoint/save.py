@@ -2,13 +2,14 @@
 
 Where it sits: on top of `names`, `formats` and `load` (`convert_checkpoint` loads, then saves).
 `save_hf` / `save_gemma_pytorch` write a directory holding a `manifest.json` (format, gemmakit
-version, dtype, the exact ModelConfig, sha256 and size of every weight file), so a saved directory
-describes itself and `load_model` can check it.
+version, dtype, the exact ModelConfig, sha256 and size of every file), so a saved directory
+describes itself and `load_model` can check it. `checkpoint_dir` is that writer for every model
+directory (quantized checkpoints and LoRA adapters too), on top of `gemmakit.artifact`.
 
 Key trade-off: no partial writes. Everything goes to a temp directory next to the target, every
-file and the directory are fsynced, and only then is it renamed into place (the old directory is
-moved aside first and restored on failure). This costs a second copy of the checkpoint on disk
-while writing, and it is what keeps memory-mapped models loaded from the old files valid.
+file and the directory are fsynced, and only then is it swapped into place (`artifact.commit`).
+This costs a second copy of the checkpoint on disk while writing, and it is what keeps
+memory-mapped models loaded from the old files valid.
 """
 
 from __future__ import annotations
@@ -16,21 +17,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gemmakit.checkpoint.formats import _ST_NAMES, _USABLE, MANIFEST, CheckpointError, _err, _sha256
+from gemmakit.artifact import ArtifactError, atomic_dir, write_json
+from gemmakit.checkpoint.formats import _ST_NAMES, _USABLE, CheckpointError, _err
 from gemmakit.checkpoint.load import load_model
 from gemmakit.checkpoint.names import _GP_QKV, FORMATS, file_names, internal_name_to_hf
 from gemmakit.config import ModelConfig, to_hf_dict
-from gemmakit.fsio import fsync_path
 from gemmakit.model import Gemma
 
 
@@ -48,7 +46,7 @@ def _write_file(path: Path, data: bytes | None = None, tensors: dict[str, torch.
         os.fsync(f.fileno())
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file written tensor by tensor (no whole-file copy in memory)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires format=pt
     offset = 0
@@ -64,47 +62,20 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _write_file(path, struct.pack("<Q", len(raw)) + raw, tensors=tensors)
 
 
-def _version() -> str:
-    try:
-        return metadata.version("gemmakit")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _write_manifest(out: Path, fmt: str, cfg: ModelConfig, dtype: torch.dtype, files: list[str]) -> None:
-    manifest = {
-        "format": fmt, "gemmakit_version": _version(), "dtype": str(dtype).removeprefix("torch."),
-        "config": cfg.to_dict(),
-        "files": {f: {"sha256": _sha256(out / f), "size": (out / f).stat().st_size} for f in files},
-    }  # fmt: skip
-    _write_file(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-
-
 @contextlib.contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir next to `out_dir`; on success rename it into place, on failure remove it."""
-    out_dir = Path(os.path.abspath(out_dir))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise _err(out_dir, "exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise _err(out_dir, "exists and is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+def checkpoint_dir(out_dir: str | Path, *, overwrite: bool, producer: str, fmt: str, config: ModelConfig,
+                   dtype: torch.dtype | str, **fields: Any) -> Iterator[Path]:  # fmt: skip
+    """`artifact.atomic_dir` for a model directory: yields the temp directory to write into.
+
+    Its manifest.json gets "format" `fmt`, "dtype", "config" (the exact ModelConfig, what `load_model`
+    reads), `fields` and the sha256 and size of every file. A target in the way is a CheckpointError.
+    """
+    extra = {"format": fmt, "dtype": str(dtype).removeprefix("torch."), "config": config.to_dict(), **fields}
     try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        fsync_path(tmp)
-        if out_dir.exists():
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        fsync_path(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(out_dir, overwrite=overwrite, producer=producer, extra=extra) as tmp:
+            yield tmp
+    except ArtifactError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -141,17 +112,17 @@ def save_hf(model: Gemma, out_dir: str | Path, dtype: torch.dtype | None = None,
         ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     hf = {**to_hf_dict(cfg), "torch_dtype": str(dtype).removeprefix("torch.")}
-    with _atomic_dir(Path(out_dir), overwrite) as tmp:
+    with checkpoint_dir(out_dir, overwrite=overwrite, producer="gemmakit.checkpoint.save_hf", fmt="hf",
+                        config=cfg, dtype=dtype) as tmp:  # fmt: skip
         for fname, shard in zip(names, shards, strict=True):
-            _write_safetensors(tmp / fname, shard)
+            write_safetensors(tmp / fname, shard)
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
                 "weight_map": {k: fname for fname, s in zip(names, shards, strict=True) for k in s},
             }
-            _write_file(tmp / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
-        _write_file(tmp / "config.json", (json.dumps(hf, indent=2) + "\n").encode())
-        _write_manifest(tmp, "hf", cfg, dtype, names)
+            write_json(tmp / "model.safetensors.index.json", index)
+        write_json(tmp / "config.json", hf)
     return Path(out_dir)
 
 
@@ -173,9 +144,9 @@ def save_gemma_pytorch(model: Gemma, path: str | Path, dtype: torch.dtype | None
             prefix = ours.removesuffix("wq.weight")
             qkv = [sd[prefix + w] for w in ("wq.weight", "wk.weight", "wv.weight")]
             out[f] = torch.cat(qkv, dim=0).detach().to("cpu", dtype)  # (n_h + 2 n_kv) * d rows
-    with _atomic_dir(Path(path), overwrite) as tmp:
+    with checkpoint_dir(path, overwrite=overwrite, producer="gemmakit.checkpoint.save_gemma_pytorch",
+                        fmt="gemma_pytorch", config=cfg, dtype=dtype) as tmp:  # fmt: skip
         _write_file(tmp / "model.ckpt", pickle_obj={"model_state_dict": out})
-        _write_manifest(tmp, "gemma_pytorch", cfg, dtype, ["model.ckpt"])
     return Path(path)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from gemmakit.data.dedup import ngram_hashes, ngram_hashes_many, word_hashes
 from gemmakit.data.sources import Doc
+from gemmakit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _NAME = re.compile(r"[^A-Za-z0-9_]")
 _BLANK = object()  # what _parse returns for a blank line
 
 
-class DecontamError(ValueError):
+class DecontamError(UserError):
     """A decontamination setting or eval file is invalid; the message names the field or file:line."""
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gemmakit.errors import UserError
+
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "minhash")
@@ -56,7 +58,7 @@ _NON_WORD = re.compile(r"[\W_]+")  # Python's \w minus "_": Unicode letters and 
 _ASCII = bytes(ord(chr(c).lower()) if c < 128 and chr(c).isalnum() else 0 for c in range(256))  # sep: 0
 
 
-class DedupError(ValueError):
+class DedupError(UserError):
     """A dedup setting or input is invalid; the message names the field or shard and what was expected."""
 
 

@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gemmakit.artifact import atomic_dir, atomic_open, write_json
 from gemmakit.data.recipe import DataRecipe
-from gemmakit.fsio import atomic_open, fsync_path, write_json
 
 STATS_FORMAT = "gemmakit-data-stats"
 
@@ -124,29 +124,23 @@ def assemble_tokens(recipe: DataRecipe, out: Path) -> dict[str, Any] | None:
     parts = [p for p in parts if (p / "index.json").exists()]
     if not parts:
         return None
-    final, tmp = out / "tokens", out / ".tokens.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    entries, head = [], None
-    for part in parts:
-        index = json.loads((part / "index.json").read_text(encoding="utf-8"))
-        head = head or index
-        for e in index["shards"]:
-            j = len(entries)
-            _link(part / e["file"], tmp / f"shard-{j:05d}.bin")
-            _link(part / e["docs_file"], tmp / f"shard-{j:05d}.docs.npy")
-            entries.append({**e, "file": f"shard-{j:05d}.bin", "docs_file": f"shard-{j:05d}.docs.npy"})
-    index = {**head, "shards": entries, "n_tokens": sum(e["n_tokens"] for e in entries),
-             "n_docs": sum(e["n_docs"] for e in entries),
-             "meta": {"created_by": "gemmakit.data.pipeline", "recipe_fingerprint": recipe.fingerprint(),
-                      "sources": [s.name for s in recipe.sources]}}  # fmt: skip
-    with atomic_open(tmp / "index.json") as f:
-        f.write(json.dumps(index, indent=1) + "\n")
-    fsync_path(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_path(out)
+    # a shard directory: index.json is its manifest, so the artifact writes none of its own
+    with atomic_dir(out / "tokens", overwrite=True, producer="gemmakit.data.finalize", manifest=False) as tmp:
+        entries, head = [], None
+        for part in parts:
+            index = json.loads((part / "index.json").read_text(encoding="utf-8"))
+            head = head or index
+            for e in index["shards"]:
+                j = len(entries)
+                _link(part / e["file"], tmp / f"shard-{j:05d}.bin")
+                _link(part / e["docs_file"], tmp / f"shard-{j:05d}.docs.npy")
+                entries.append({**e, "file": f"shard-{j:05d}.bin", "docs_file": f"shard-{j:05d}.docs.npy"})
+        index = {**head, "shards": entries, "n_tokens": sum(e["n_tokens"] for e in entries),
+                 "n_docs": sum(e["n_docs"] for e in entries),
+                 "meta": {"created_by": "gemmakit.data.pipeline", "recipe_fingerprint": recipe.fingerprint(),
+                          "sources": [s.name for s in recipe.sources]}}  # fmt: skip
+        with atomic_open(tmp / "index.json") as f:
+            f.write(json.dumps(index, indent=1) + "\n")
     return {"dir": "tokens", "n_docs": index["n_docs"], "n_tokens": index["n_tokens"], "files": len(entries)}
 
 

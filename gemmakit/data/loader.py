@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from gemmakit.data.shards import Shards
+from gemmakit.errors import UserError
 
 STATE_VERSION = 1
 # Fields of the state that must equal the loader's own: resuming under other values would change the
@@ -54,7 +55,7 @@ _POSITION = ("epoch", "pos", "offset", "step")
 _STATS = ("rows", "docs", "docs_cut", "docs_split", "tokens_dropped")
 
 
-class LoaderError(ValueError):
+class LoaderError(UserError):
     """Invalid loader arguments or a resume state that does not fit this loader; the message is one line."""
 
 

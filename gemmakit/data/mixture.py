@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from gemmakit.artifact import write_json
 from gemmakit.data.recipe import DataRecipe
 from gemmakit.data.shards import Shards, ShardWriter
-from gemmakit.fsio import write_json
 
 
 def _rng(seed: int, *parts: object) -> np.random.Generator:

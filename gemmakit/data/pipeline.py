@@ -52,18 +52,19 @@ from typing import Any
 
 import numpy as np
 
+from gemmakit.artifact import atomic_open, fsync_path, write_json
 from gemmakit.data import dedup
 from gemmakit.data.recipe import GLOBAL_STAGES, DataRecipe, Stage
 from gemmakit.data.shard_step import Unit, run_segment
 from gemmakit.data.sources import SourceError, sniff
-from gemmakit.fsio import atomic_open, fsync_path, write_json
+from gemmakit.errors import UserError
 
 log = logging.getLogger(__name__)
 PLAN_FORMAT, PLAN_VERSION = "gemmakit-data-run", 1
 EXECUTORS = ("local", "ray")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """The run cannot start or did not complete; the message says which file, shard or setting, and why."""
 
 

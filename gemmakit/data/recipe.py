@@ -28,12 +28,13 @@ from typing import Any
 
 from gemmakit.config import dataclass_from_table, read_toml
 from gemmakit.data import decontam, dedup, filters
+from gemmakit.errors import UserError
 
 FORMATS = ("text", "chat")
 GLOBAL_STAGES = ("dedup",)  # stages that need every shard's output before any shard can go on
 
 
-class DataRecipeError(ValueError):
+class DataRecipeError(UserError):
     """A data recipe is invalid; the message names the file, the key and what was expected."""
 
 

@@ -18,12 +18,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gemmakit.fsio import atomic_open
+from gemmakit.artifact import atomic_open
+from gemmakit.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The directory holds no readable stats.json."""
 
 

@@ -37,11 +37,12 @@ from typing import Any
 import numpy as np
 
 from gemmakit.data.sources import MODEL_ROLES, Doc
+from gemmakit.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class FilterError(ValueError):
+class FilterError(UserError):
     """A filter's configuration is wrong: one line naming the recipe key (stage.<kind>.<field>) and what
     was expected. Public home: `gemmakit.data.filters` (defined here so this lower module can raise it)."""
 

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from gemmakit.artifact import atomic_open, write_json
 from gemmakit.data import decontam, dedup, filters
 from gemmakit.data.pii import redact_all
 from gemmakit.data.recipe import DataRecipe, Stage
 from gemmakit.data.shards import ShardWriter
 from gemmakit.data.sources import Doc, Quarantine, SourceStats, read_source
-from gemmakit.fsio import atomic_open, write_json
 
 SIG_BATCH = 4096  # texts held for one vectorised signature call (~10 MB of text, not the whole shard)
 EXAMPLE_CHARS = 300  # a removed document's first and last characters kept for the report

@@ -25,8 +25,9 @@ byte size and the document offsets (O(index + 8 bytes per document)), then memor
 so a 100 GB corpus opens in well under a second; `verify=True` also hashes every byte (sha256) and
 checks each document's first token and the id range, at disk speed (minutes for 100 GB). Files are
 size-checked before mapping; a file truncated *while* mapped raises SIGBUS on access (mmap semantics),
-which no check at open time can prevent. Writers are atomic: a temp directory next to the target is
-renamed into place only after every file is fsynced, so readers never see a partial shard set.
+which no check at open time can prevent. Writers are atomic (`gemmakit.artifact`, without a
+manifest.json: index.json is this format's own): a temp directory next to the target is swapped into
+place only after every file is fsynced, so readers never see a partial shard set.
 """
 
 from __future__ import annotations
@@ -35,18 +36,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gemmakit.fsio import fsync_path
+from gemmakit import artifact
+from gemmakit.errors import UserError
 from gemmakit.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ _SHARD_FIELDS = {"file": str, "n_tokens": int, "n_docs": int, "sha256": str, "do
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard directory or a document is invalid; the message is one line naming the file and problem."""
 
 
@@ -70,13 +69,6 @@ def _err(where: Path | str, problem: str) -> ShardError:
 def dtype_for_vocab(vocab_size: int) -> str:
     """The format's token dtype name: the smallest unsigned dtype that holds ids up to vocab_size - 1."""
     return "uint16" if vocab_size - 1 <= np.iinfo(np.uint16).max else "uint32"
-
-
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise _err(out_dir, "exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise _err(out_dir, "exists and is not empty; pass overwrite=True to replace it")
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -111,9 +103,10 @@ class ShardWriter:
         self.meta: dict = dict(meta or {})
         self.dtype = dtype_for_vocab(vocab_size)
         self.n_tokens = self.n_docs = 0
-        _check_target(self.out_dir, overwrite)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        try:
+            self._tmp = artifact.stage(self.out_dir, overwrite=overwrite)
+        except artifact.ArtifactError as e:  # the target is in the way
+            raise ShardError(str(e)) from None
         self._shards: list[dict[str, Any]] = []
         self._file: Any = None  # the open .bin of the current shard
         self._hash: Any = None
@@ -194,29 +187,16 @@ class ShardWriter:
             text = json.dumps(index, indent=1, allow_nan=False) + "\n"
         except (TypeError, ValueError) as e:
             raise _err(self.out_dir, f"meta: not JSON-serialisable ({e})") from None
-        part = self._tmp / (INDEX + ".part")
-        with open(part, "w", encoding="utf-8") as f:
+        with artifact.atomic_open(self._tmp / INDEX) as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, self._tmp / INDEX)
-        fsync_path(self._tmp)
 
     def _commit(self) -> None:
-        """Rename the temp dir into place; an existing out_dir is moved aside and restored on failure."""
-        _check_target(self.out_dir, self.overwrite)  # it may have appeared while we were writing
-        os.chmod(self._tmp, 0o755)  # mkdtemp makes it 0700
-        old = self._tmp.with_name(self._tmp.name.replace(".tmp-", ".old-"))
-        if self.out_dir.exists():
-            os.rename(self.out_dir, old)
+        """Swap the temp dir into place (`artifact.commit`; index.json is the manifest)."""
         try:
-            os.rename(self._tmp, self.out_dir)
-            fsync_path(self.out_dir.parent)
-        except BaseException:
-            if old.exists() and not self.out_dir.exists():
-                os.rename(old, self.out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+            artifact.commit(self._tmp, self.out_dir, producer="gemmakit.data.shards", overwrite=self.overwrite,
+                            manifest=False)  # fmt: skip
+        except artifact.ArtifactError as e:  # it may have appeared while we were writing
+            raise ShardError(str(e)) from None
 
     def close(self) -> Path:
         """Write the last shard and index.json, then move the directory into place. Returns out_dir."""
@@ -243,7 +223,7 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        artifact.abort(self._tmp)
         if self._state == "open":
             self._state = "aborted"
 
@@ -347,6 +327,8 @@ class Shards:
         with bos_id and that every id is below vocab_size (reads every byte).
         """
         root = Path(path)
+        if not root.exists():
+            artifact.recover(root)  # a writer killed mid-replace may have left it aside
         index = _read_index(root)
         dt = DTYPES[index["dtype"]]
         maps, offsets = [], []
@@ -368,9 +350,7 @@ class Shards:
     def _verify(self) -> None:
         for s, mm, offsets in zip(self.index["shards"], self._maps, self._offsets, strict=True):
             bin_path = self.path / s["file"]
-            with open(bin_path, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            if digest != s["sha256"]:
+            if (digest := artifact.sha256_file(bin_path)) != s["sha256"]:
                 raise _err(bin_path, f"sha256 mismatch: index.json says {s['sha256']}, file has {digest}")
             firsts = mm[offsets[:-1]]
             if (bad := np.flatnonzero(firsts != self.bos_id)).size:
@@ -496,7 +476,7 @@ def tokenize_to_shards(inputs: Sequence[str | Path], tokenizer: Tokenizer, out_d
         if not p.is_file():
             raise _err(p, "not a file (inputs are .txt or JSONL files)")
     sources: list[dict[str, Any]] = []  # filled per file below; the writer's meta holds this same list
-    meta = {"created_by": "gemmakit.data.tokenize_to_shards", "gemmakit_version": _version(),
+    meta = {"created_by": "gemmakit.data.tokenize_to_shards", "gemmakit_version": artifact.version(),
             "text_field": text_field, "sources": sources}  # fmt: skip
     with ShardWriter(out_dir, vocab_size=tokenizer.vocab_size, tokenizer_sha256=tokenizer.sha256,
                      bos_id=tokenizer.bos_id, shard_tokens=shard_tokens, meta=meta,
@@ -519,10 +499,3 @@ def tokenize_to_shards(inputs: Sequence[str | Path], tokenizer: Tokenizer, out_d
         if w.n_docs == 0:
             raise ShardError(f"inputs: no documents in {len(paths)} file(s) (all empty or blank)")
     return Path(out_dir)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("gemmakit")
-    except metadata.PackageNotFoundError:
-        return "unknown"

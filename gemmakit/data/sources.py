@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from gemmakit.errors import UserError
+
 MALFORMED = ("invalid_utf8", "invalid_json", "not_object", "missing_text", "text_not_string", "line_too_long",
              "bad_messages")  # fmt: skip
 MODEL_ROLES = ("model", "assistant")  # the speaker whose turns SFT trains on (Gemma says "model")
@@ -40,7 +42,7 @@ _BOM = b"\xef\xbb\xbf"
 _PIECE = 1 << 20
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source cannot be read at all (corrupt compression, unknown format); names the file and why."""
 
 

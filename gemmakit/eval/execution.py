@@ -47,6 +47,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
+from gemmakit.errors import GemmakitError, UserError
 from gemmakit.eval import sandbox
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,15 @@ _uid_counter = itertools.count()
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-class ExecutionRefused(RuntimeError):
+class ExecutionRefused(UserError, RuntimeError):
     """No isolation is available and the caller did not allow unsafe execution (one-line message)."""
 
 
-class SandboxError(RuntimeError):
+class SandboxError(GemmakitError, RuntimeError):
     """The sandbox itself failed (not the program): the message says which step."""
 
 
-class ExecConfigError(ValueError):
+class ExecConfigError(UserError):
     """A limit or option is invalid; the message names it and what was expected."""
 
 

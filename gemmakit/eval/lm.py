@@ -45,13 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmakit.errors import UserError
 from gemmakit.infer.engine import PAD_ID, Engine
 from gemmakit.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-class LMError(ValueError):
+class LMError(UserError):
     """A request or an endpoint's answer is unusable; the message is one line naming the culprit."""
 
 

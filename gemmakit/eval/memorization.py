@@ -49,6 +49,7 @@ from torch import nn
 
 from gemmakit.data.pii import PiiConfig, find_pii
 from gemmakit.data.shards import INDEX, Shards
+from gemmakit.errors import UserError
 from gemmakit.infer.engine import Engine
 from gemmakit.tokenizer import Tokenizer
 
@@ -58,7 +59,7 @@ ALL = "all"  # the single source of shards given without per-document sources
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-class MemorizationError(ValueError):
+class MemorizationError(UserError):
     """Bad input to the memorization evaluator; the message is one line naming the argument or file."""
 
 

@@ -34,8 +34,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from gemmakit.errors import UserError
 
-class MetricError(ValueError):
+
+class MetricError(UserError):
     """A metric got input it cannot score; the message names the argument and what was expected."""
 
 

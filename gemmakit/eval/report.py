@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gemmakit.artifact import atomic_open
 from gemmakit.eval.published import published_for
-from gemmakit.fsio import atomic_open
 
 
 def _pct(entry: dict[str, Any]) -> tuple[float, float | None]:

@@ -7,7 +7,10 @@ results.json records, per task: the headline metric and its value, every metric 
 error (sample std / sqrt(n), as lm-eval), n, the protocol and shot count, and the sha256 of every data
 file read; for the run: the model (its directory, config, manifest.json digest), the adapter, the
 protocol, the limit, gemmakit's version. Per-document samples go to samples/<task>.jsonl, so a score
-can be audited request by request.
+can be audited request by request. The directory is one artifact (`gemmakit.artifact.atomic_dir`):
+written aside and swapped into place whole with a manifest.json, so a killed run leaves the previous
+results intact and a rerun never mixes its samples with an earlier run's; `out` may be new, empty
+or an earlier run's results, which it replaces.
 
 Key trade-off: every file is hashed (sha256 at ~1 GB/s; the 17 benchmarks' files total well under
 1 GB) so two results.json files can be compared knowing whether the data was the same; a run is
@@ -17,7 +20,6 @@ a few seconds slower for it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -27,19 +29,14 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from gemmakit.artifact import atomic_dir, atomic_open, sha256_file, version, write_json
 from gemmakit.eval.lm import LM
 from gemmakit.eval.perplexity import perplexity, read_texts
 from gemmakit.eval.tasks import EvalError, get_protocol, get_task, run_task
-from gemmakit.fsio import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 RESULTS_FORMAT = "gemmakit-eval-results"
 PPL_PREFIX = "ppl:"
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _finite(x: float) -> float | None:
@@ -59,7 +56,7 @@ def model_info(model_dir: str | Path | None, preset: str | None = None) -> dict[
         root = Path(model_dir)
         for name in ("config.json", "manifest.json"):
             if (root / name).is_file():
-                info[name.removesuffix(".json") + "_sha256"] = _sha256(root / name)
+                info[name.removesuffix(".json") + "_sha256"] = sha256_file(root / name)
         if (root / "config.json").is_file():
             info["config"] = json.loads((root / "config.json").read_text(encoding="utf-8"))
     return info
@@ -76,7 +73,7 @@ def _task_entry(name: str, lm: LM, data_dir: Path, protocol: str, limit: int | N
         data = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         return {"kind": "perplexity", "metric": "bits_per_byte", "value": result["bits_per_byte"],
                 "n": result["docs"], "metrics": result, "stderr": {}, "protocol": None, "num_fewshot": 0,
-                "data_sha256": {str(p): _sha256(p) for p in data}}  # fmt: skip
+                "data_sha256": {str(p): sha256_file(p) for p in data}}  # fmt: skip
     task = get_task(name)
     if allow_unsafe_code and hasattr(task, "code_execution"):  # HumanEval, MBPP: the user's explicit choice
         task.code_execution = dataclasses.replace(task.code_execution, allow_unsafe=True)
@@ -89,7 +86,7 @@ def _task_entry(name: str, lm: LM, data_dir: Path, protocol: str, limit: int | N
     return {"kind": "task", "metric": res.primary_metric, "value": res.metrics[res.primary_metric], "n": res.n,
             "metrics": res.metrics, "stderr": {k: _finite(v) for k, v in res.stderr.items()},
             "protocol": res.protocol, "num_fewshot": res.num_fewshot,
-            "data_sha256": {str(p): _sha256(p) for p in task.expected_files(data_dir) if p.is_file()}}  # fmt: skip
+            "data_sha256": {str(p): sha256_file(p) for p in task.expected_files(data_dir) if p.is_file()}}  # fmt: skip
 
 
 def evaluate(lm: LM, tasks: Sequence[str], *, protocol: str, data_dir: str | Path, out: str | Path,
@@ -107,26 +104,33 @@ def evaluate(lm: LM, tasks: Sequence[str], *, protocol: str, data_dir: str | Pat
         if not t.startswith(PPL_PREFIX):
             get_task(t)
     out, data_dir = Path(out), Path(data_dir)
+    if not _replaceable(out):
+        raise EvalError(f"{out}: exists and holds files that are not eval results; choose a new or empty "
+                        "output directory")  # fmt: skip
     results: dict[str, Any] = {"format": RESULTS_FORMAT, "version": 1, "protocol": protocol, "limit": limit,
                                "model": model or {}, "lm": getattr(lm, "name", type(lm).__name__),
-                               "gemmakit_version": _version(), "tasks": {}}  # fmt: skip
-    for name in tasks:
-        if on_task_start is not None:
-            on_task_start(name)
-        start = time.perf_counter()
-        entry = _task_entry(name, lm, data_dir, protocol, limit, out / "samples", allow_unsafe_code)
-        entry["seconds"] = round(time.perf_counter() - start, 3)
-        results["tasks"][name] = entry
-        log.info("%s: %s = %.4f (n=%d)", name, entry["metric"], entry["value"], entry["n"])
-    write_json(out / "results.json", results)
-    write_report(out, results)
+                               "gemmakit_version": version(), "tasks": {}}  # fmt: skip
+    with atomic_dir(
+        out, overwrite=True, producer="gemmakit.eval.runner", extra={"format": RESULTS_FORMAT}
+    ) as tmp:
+        for name in tasks:
+            if on_task_start is not None:
+                on_task_start(name)
+            start = time.perf_counter()
+            entry = _task_entry(name, lm, data_dir, protocol, limit, tmp / "samples", allow_unsafe_code)
+            entry["seconds"] = round(time.perf_counter() - start, 3)
+            results["tasks"][name] = entry
+            log.info("%s: %s = %.4f (n=%d)", name, entry["metric"], entry["value"], entry["n"])
+        write_json(tmp / "results.json", results)
+        write_report(tmp, results)
     return results
 
 
-def _version() -> str:
-    from importlib import metadata
-
+def _replaceable(out: Path) -> bool:
+    """`out` is missing, empty, or an earlier run's results (evaluate replaces it whole)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return True
     try:
-        return metadata.version("gemmakit")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        return json.loads((out / "results.json").read_text(encoding="utf-8")).get("format") == RESULTS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gemmakit.errors import UserError
 
-class GGUFError(ValueError):
+
+class GGUFError(UserError):
     """A GGUF file is malformed, or a model cannot be exported faithfully; one line naming file and problem."""
 
 

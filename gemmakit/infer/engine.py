@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from gemmakit.errors import UserError
 from gemmakit.infer.kv_cache import KVCache, StaticKVCache
 from gemmakit.infer.sampler import SamplingError, check_sampling_args, sample
 
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 PAD_ID = 0  # Gemma's <pad>; the value is irrelevant for correctness since padded keys are masked
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """A generation request is invalid; the message names the argument and what was expected."""
 
 

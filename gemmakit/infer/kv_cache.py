@@ -26,9 +26,10 @@ from __future__ import annotations
 import torch
 
 from gemmakit.config import LOCAL, ModelConfig
+from gemmakit.errors import UserError
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache was given tensors that do not fit it (batch, shape, dtype, or capacity)."""
 
 

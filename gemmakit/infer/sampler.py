@@ -20,8 +20,10 @@ import math
 
 import torch
 
+from gemmakit.errors import UserError
 
-class SamplingError(ValueError):
+
+class SamplingError(UserError):
     """A sampling parameter is out of range; the message names it and the expected range."""
 
 

@@ -1,7 +1,7 @@
 """Quantized checkpoints: save a quantized model, load it back without re-quantizing, load anything.
 
-Where it sits: on top of `modules` and `gemmakit.checkpoint` (whose atomic directory writer,
-safetensors header validation and error type it reuses). A quantized checkpoint is a directory:
+Where it sits: on top of `modules` and `gemmakit.checkpoint` (whose model-directory writer
+`checkpoint_dir`, safetensors header validation and error type it reuses). A quantized checkpoint is a directory:
 
     model.safetensors   packed buffers (`blocks.0.wq.qweight`, `.scales` / `.scale_min`; bf16: `.qweight` as bf16)
                         + float norms
@@ -27,9 +27,17 @@ from typing import Any
 
 import torch
 
-from gemmakit.checkpoint import MANIFEST, CheckpointError, detect_format, load_model, read_safetensors_header
-from gemmakit.checkpoint.formats import _err, _sha256
-from gemmakit.checkpoint.save import _atomic_dir, _version, _write_file, _write_safetensors
+from gemmakit.artifact import sha256_file
+from gemmakit.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    checkpoint_dir,
+    detect_format,
+    load_model,
+    read_safetensors_header,
+    write_safetensors,
+)
+from gemmakit.checkpoint import checkpoint_error as _err
 from gemmakit.config import ConfigError, ModelConfig
 from gemmakit.model import ATTN_IMPLS, Gemma
 from gemmakit.quantize.modules import LAYOUT, QMatrix, quantization_meta, swap_modules
@@ -48,18 +56,11 @@ def save_quantized(model: Gemma, out_dir: str | Path, *, tokenizer: str | Path |
     sd = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     # widest dtypes first: every tensor then starts at a multiple of its item size inside the file
     order = sorted(sd, key=lambda n: -sd[n].element_size())
-    with _atomic_dir(Path(out_dir), overwrite) as tmp:
-        _write_safetensors(tmp / WEIGHTS, {name: sd[name] for name in order})
-        files = [WEIGHTS]
+    with checkpoint_dir(out_dir, overwrite=overwrite, producer="gemmakit.quantize.save_quantized", fmt=FORMAT,
+                        config=model.config, dtype=meta["dtype"], quantization=meta) as tmp:  # fmt: skip
+        write_safetensors(tmp / WEIGHTS, {name: sd[name] for name in order})
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-            files.append("tokenizer.model")
-        manifest = {
-            "format": FORMAT, "gemmakit_version": _version(), "dtype": meta["dtype"],
-            "config": model.config.to_dict(), "quantization": meta,
-            "files": {f: {"sha256": _sha256(tmp / f), "size": (tmp / f).stat().st_size} for f in files},
-        }  # fmt: skip
-        _write_file(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return Path(out_dir)
 
 
@@ -136,7 +137,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     size = weights.stat().st_size
     if record.get("size") != size:
         raise _err(weights, f"size expected {record.get('size')} ({MANIFEST}), found {size}")
-    if verify and record.get("sha256") != _sha256(weights):
+    if verify and record.get("sha256") != sha256_file(weights):
         raise _err(weights, f"sha256 differs from {MANIFEST}")
     with torch.device("meta"):
         model = swap_modules(Gemma(cfg), meta)

@@ -2,24 +2,34 @@
 
 Where it sits: between `schemes` (the packed layouts and the reference dequantizer) and `modules`
 (QLinear / QEmbedding call `matmul`). Decode (few activation rows) streams the packed weights once
-through the native GEMV; prefill (M > `GEMV_MAX_ROWS` rows) dequantizes row tiles to fp32 and runs
-MKL's fp32 GEMM. Measured (bench_kernels.py, 2-core AVX-512 Xeon, 2 threads, 16384x2048 weights
-streamed from DRAM): int8 1.78 ms = 18.9 GB/s, int4 g64 1.42 ms = 23.6 Gweights/s, against fp32
-F.linear 5.16 ms, bf16 3.95 ms, aten _weight_int8pack_mm 2.78 ms (bf16 activations; 15.0 ms with
-fp32), a torch.compile'd dequantize-GEMV 3.7 ms (int8) / 4.8 ms (int4). The bf16 scheme's GEMV
-(bf16 weights widened by a shift, fp32 FMA): 2.6 ms = 25.7 GB/s vs bf16 F.linear 3.4 ms = 19.7 GB/s
-and fp32 F.linear 4.8 ms = 28.3 GB/s (same bytes per weight as bf16 F.linear, half of fp32's);
-its prefill uses the bf16 GEMM where AMX / AVX512-BF16 make it fast (`_BF16_GEMM`), and so does
-int8 / int4 prefill, on tiles dequantized straight to bf16; `bf16_prefill(False)` (or
-`GEMMAKIT_BF16_PREFILL=0`) keeps every product in fp32 at about 3x the prefill time.
+through the native GEMV; prefill (more rows than the GEMV is worth) dequantizes row tiles and runs
+the CPU's GEMM, in bf16 where the CPU multiplies bf16 fast (AMX, AVX512-BF16), else in fp32. Which
+path wins at how many rows depends on the ISA, so the choice is a table, `CROSSOVERS`, keyed by the
+ISA level it was measured on (`benchmarks/bench_kernels.py --isa all` measures every level this CPU
+can be capped to and prints the rows; `isa_level()` says which row applies here).
 
-Build: `qgemv_src.SOURCE` is compiled with the system C++ compiler (`$CXX`, g++, c++ or clang++;
-~1-3 s, no torch headers) into `$GEMMAKIT_CACHE_DIR` (default `~/.cache/gemmakit/kernels`), named
-by a hash of the source, flags, compiler version and the CPU's feature flags, so a cache shared
-between different CPUs never runs `-march=native` code on the wrong one. The library is written
-under a temp name and renamed, so concurrent first builds are safe. Any failure (no compiler,
-build error, unwritable cache) logs ONE warning and falls back to PyTorch: the same results up to
-float32 summation order, decode several times slower. `GEMMAKIT_KERNELS=torch` forces the fallback.
+M=1 GEMV on 16384x2048 weights streamed from DRAM, 2-core AVX-512 Xeon (AMX), 2 threads: int8
+1.78 ms = 18.9 GB/s, int4 g64 1.42 ms = 23.6 Gweights/s, against fp32 F.linear 5.16 ms, bf16 3.95 ms,
+aten _weight_int8pack_mm 2.78 ms (bf16 activations; 15.0 ms with fp32), a torch.compile'd
+dequantize-GEMV 3.7 ms (int8) / 4.8 ms (int4); the bf16 scheme's GEMV (bf16 weights widened by a
+shift, fp32 FMA) 2.6 ms = 25.7 GB/s vs bf16 F.linear 3.4 ms. `bf16_prefill(False)` (or
+`GEMMAKIT_BF16_PREFILL=0`) keeps every product in fp32, exact up to summation order, at 3-6x the
+prefill time on bf16-capable CPUs.
+
+Build: `qgemv.cpp` (package data beside this file) is compiled with the system C++ compiler (`$CXX`,
+g++, c++ or clang++; ~1-3 s, no torch headers) into `$GEMMAKIT_CACHE_DIR` (default
+`~/.cache/gemmakit/kernels`), named by a hash of the source, flags, compiler version and the CPU's
+feature flags, so a cache shared between different CPUs never runs `-march=native` code on the wrong
+one. `GEMMAKIT_KERNEL_ISA=avx2` (or `avx512`, `scalar`) builds for that ISA instead of
+`-march=native` and caps `isa_level()` to it, which is how an AVX-512 machine tests what an AVX2
+laptop runs (set `ONEDNN_MAX_CPU_ISA=AVX2` and `MKL_ENABLE_INSTRUCTIONS=AVX2` too, so torch's GEMMs
+follow; `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` alone makes an AMX machine stand in for a Zen 4; with
+`ATEN_CPU_CAPABILITY` changed, give torch.compile its own `TORCHINDUCTOR_CACHE_DIR`: torch 2.13 reuses
+graphs compiled for the other capability and returns NaNs). The
+library is written under a temp name and renamed, so concurrent first builds are safe. Any failure
+(no compiler, build error, unwritable cache) logs ONE warning and falls back to PyTorch: the same
+results up to float32 summation order, decode several times slower. `GEMMAKIT_KERNELS=torch` forces
+the fallback, which always dequantizes fp32 tiles (exact, and the slow path anyway).
 
 Key trade-off: ctypes + a plain shared library instead of a torch C++ extension: a ~1-3 s build
 instead of ~30 s (torch/extension.h), paid for by checking shapes, dtypes and contiguity in Python
@@ -39,42 +49,110 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from gemmakit.quantize.qgemv_src import SOURCE
-from gemmakit.quantize.schemes import dequantize_matrix, packed_shapes
+from gemmakit.quantize.schemes import QuantError, dequantize_matrix, packed_shapes
 
 log = logging.getLogger(__name__)
 
-ABI = 4  # must equal gk_abi() in SOURCE; bump with any change of the exported C signatures
+SOURCE_FILE = Path(__file__).with_name("qgemv.cpp")  # shipped as package data (pyproject.toml)
+ABI = 4  # must equal gk_abi() in qgemv.cpp; bump with any change of the exported C signatures
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
 OPENMP = ["-fopenmp"]  # dropped (single-threaded kernels) if the compiler has no OpenMP, e.g. Apple clang
-# Activation rows up to which the native GEMV beats dequantizing tiles + MKL fp32 GEMM. Measured on
-# the 2-core AVX-512 Xeon, weights from DRAM (bench_kernels, 16384x2048, ms): M=32 int8 10.6 vs 20.8,
-# int4 g64 15.2 vs 20.6; M=64 int8 20.4 vs 27.6 but int4 29.0 vs 26.1; M=128 the GEMM wins both.
-# AVX2 halves the GEMV's arithmetic rate, hence a lower bound there; scalar wins at a few rows only.
-GEMV_MAX_ROWS = {"avx512": 32, "avx2": 16, "scalar": 4}
-# bf16 prefill: MKL-DNN's bf16 GEMM (AMX / AVX512-BF16) on bf16-rounded activations instead of fp32
-# tiles. 128x2048 @ 16384x2048 on the 2-core Xeon (AMX): 6.1-6.6 ms vs 35-39 ms for bf16 -> fp32 tiles
-# + fp32 GEMM (60 ms upcasting the whole matrix); the price is activations rounded to bf16 (relative
-# error 2.3e-3 vs 3.4e-7). Without AMX / AVX512-BF16, bf16 GEMM is emulated and slow: fp32 tiles then.
-_BF16_GEMM_HW = any(
-    getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-)
-# int8 / int4 prefill takes the same GEMM on tiles dequantized straight to bf16 (2048 rows x K=2048,
-# 8 MB): 128x2048 @ 16384x2048 int8 10.0 ms, int4 11.2 ms, vs 34.7 / 36.2 ms through fp32 tiles, at
-# the same 2.9e-3 relative error from rounding the activations. Its GEMV crossover is lower (ms, M
-# rows, 16384x2048 / 2048x16384): int8 M=24 6.5/7.4 vs 7.0/9.0, M=32 9.2/9.9 vs 7.2/9.6; int4 M=16
-# 6.5/6.8 vs 8.4/9.3, M=24 9.7/10.2 vs 8.4/9.9.
-GEMV_MAX_ROWS_BF16_TILES = {"int8": 24, "int4": 16}
-_BF16_GEMM = _BF16_GEMM_HW and os.environ.get("GEMMAKIT_BF16_PREFILL", "1") != "0"
-# Rows up to which the bf16 GEMV beats that bf16 GEMM (16384x2048, ms): M=4 2.7 vs 3.9, M=8 4.4 vs 3.6.
-BF16_GEMV_MAX_ROWS = 4
+# Compiler flags per kernel ISA. "native" tries -march=native, then the compiler's default target.
+ISA_FLAGS = {
+    "native": [["-march=native"], []],
+    "avx512": [["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]],
+    "avx2": [["-mavx2", "-mfma", "-mf16c"]],
+    "scalar": [["-march=x86-64"]],
+}
+# ISA levels, fastest first: what the CPU (capped by the env switches) does for the kernels and GEMMs.
+LEVELS = ("amx", "avx512_bf16", "avx512", "avx2", "scalar")
+# oneDNN's ONEDNN_MAX_CPU_ISA names (v3.x) -> the level they cap torch's bf16 GEMMs to.
+_ONEDNN_CAP = {"SSE41": "scalar", "AVX": "scalar", "AVX2": "avx2", "AVX2_VNNI": "avx2", "AVX2_VNNI_2": "avx2",
+               "AVX512_CORE": "avx512", "AVX512_CORE_VNNI": "avx512", "AVX512_CORE_BF16": "avx512_bf16",
+               "AVX512_CORE_FP16": "avx512_bf16", "AVX10_1_512": "avx512_bf16", "AVX10_2_512": "avx512_bf16"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Crossovers:
+    """Which product each ISA level uses, measured by `benchmarks/bench_kernels.py --isa all`."""
+
+    bf16_prefill: bool  # prefill GEMMs in bf16 (bf16 tiles for int8/int4): only where bf16 GEMMs are fast
+    int8: int  # largest activation-row count M for which the native int8 GEMV beats the prefill path
+    int4: int  # the same for int4 (groups of 64); int4 GEMV does more arithmetic per byte, so lower
+    bf16: int  # the same for the bf16 weight scheme (its prefill multiplies the bf16 weights directly)
+
+
+# Measured per level: the GEMV's time vs the prefill path's, ms for 16384x2048 + 2048x16384 weights
+# streamed from DRAM, 2 threads; each run's JSON is benchmarks/results/bench_kernels_<level>.json.
+# - "amx": the 2-core Intel Xeon (AMX), 16384x2048 / 2048x16384 separately: bf16 tiles at 128 rows
+#   int8 10.0 ms / int4 11.2 vs 34.7 / 36.2 through fp32 tiles; GEMV vs bf16 tiles int8 M=24 6.5/7.4
+#   vs 7.0/9.0, M=32 9.2/9.9 vs 7.2/9.6; int4 M=16 6.5/6.8 vs 8.4/9.3, M=24 9.7/10.2 vs 8.4/9.9; bf16
+#   scheme GEMV vs bf16 GEMM M=4 2.7 vs 3.9, M=8 4.4 vs 3.6.
+# - "avx512_bf16": the 2-core AMD EPYC (Zen 4 class: AVX512-BF16, no AMX), summed: bf16 tiles at 128
+#   rows int8 28.2 / int4 32.1 vs 113.1 / 116.3 through fp32 tiles; GEMV vs bf16 tiles int8 M=16 7.7
+#   vs 9.3, M=24 13.2 vs 10.2; int4 M=12 9.0 vs 10.4, M=16 12.5 vs 12.6, M=24 18.3 vs 13.6; bf16 scheme
+#   M=4 4.0 vs 6.3, M=8 7.7 vs 5.7.
+# - "avx2": that EPYC capped to AVX2 (kernels built -mavx2 -mfma, oneDNN, MKL and ATen capped):
+#   GEMV vs fp32 tiles int8 M=64 63.7 vs 64.2, M=128 119.7 vs 105.6; int4 M=128 112.2 vs 134.6; bf16
+#   M=128 132.1 vs 140.0. MKL's fp32 GEMM is AVX2-speed here (as on an AVX2 laptop), so the
+#   bandwidth-bound GEMV wins far up.
+# - "avx512" (Skylake-X..Ice Lake: AVX-512 without BF16; no AMD CPU is one) is the Xeon with bf16
+#   prefill off, 16384x2048, GEMV vs fp32 tiles: int8 M=64 20.4 vs 27.6, M=128 the GEMM; int4 M=32
+#   15.2 vs 20.6, M=64 29.0 vs 26.1. (The EPYC capped to AVX512_CORE measures the GEMV winning up to
+#   M=128 for every scheme, because MKL runs its AVX2 path on AMD: not what such a CPU sees.)
+# - "scalar": no vector kernels; the GEMV stays for a few rows only (not measured).
+CROSSOVERS: dict[str, Crossovers] = {
+    "amx": Crossovers(bf16_prefill=True, int8=24, int4=16, bf16=4),
+    "avx512_bf16": Crossovers(bf16_prefill=True, int8=16, int4=16, bf16=4),
+    "avx512": Crossovers(bf16_prefill=False, int8=64, int4=32, bf16=32),
+    "avx2": Crossovers(bf16_prefill=False, int8=64, int4=128, bf16=128),
+    "scalar": Crossovers(bf16_prefill=False, int8=4, int4=4, bf16=4),
+}
 TILE_BYTES = 16 << 20  # fp32 bytes dequantized per prefill tile: bounds the temporary, stays in cache
-BF16_TILE_BYTES = 8 << 20  # bf16 tile: 2048 x 2048 measured fastest (10.0 ms; 1024 rows 13.4, 4096 11.4)
+# bf16 tile: 2048 x 2048 measured fastest on AMX (10.0 ms; 1024 rows 13.4, 4096 11.4)
+BF16_TILE_BYTES = 8 << 20
+
+
+def _hardware_level() -> str:
+    """The CPU's own level, from torch's CPU feature checks."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "scalar")
+
+
+def isa_level() -> str:
+    """The ISA level whose `CROSSOVERS` row applies: the CPU's, capped by GEMMAKIT_KERNEL_ISA (the
+    kernels' build) and ONEDNN_MAX_CPU_ISA (torch's bf16 GEMMs), whichever is lowest."""
+    level = LEVELS.index(_hardware_level())
+    kernel_isa = os.environ.get("GEMMAKIT_KERNEL_ISA", "native")
+    if kernel_isa != "native":
+        level = max(level, LEVELS.index(kernel_isa))
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if onednn in _ONEDNN_CAP:
+        level = max(level, LEVELS.index(_ONEDNN_CAP[onednn]))
+    return LEVELS[level]
+
+
+def _kernel_isa() -> str:
+    isa = os.environ.get("GEMMAKIT_KERNEL_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise QuantError(f"GEMMAKIT_KERNEL_ISA: expected one of {sorted(ISA_FLAGS)}, got {isa!r}")
+    return isa
+
+
+_LEVEL = isa_level()
+_BF16_GEMM_HW = CROSSOVERS[_LEVEL].bf16_prefill  # this CPU multiplies bf16 fast enough to prefill in bf16
+_BF16_GEMM = _BF16_GEMM_HW and os.environ.get("GEMMAKIT_BF16_PREFILL", "1") != "0"
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -100,7 +178,7 @@ def check(packed: dict[str, torch.Tensor], scheme: str, shape: tuple[int, int], 
 
 
 class Kernels:
-    """One loaded build of SOURCE; every call checks its tensors before passing pointers."""
+    """One loaded build of qgemv.cpp; every call checks its tensors before passing pointers."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         if lib.gk_abi() != ABI:
@@ -165,14 +243,14 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(cxx: str, arch: list[list[str]], out: Path) -> None:
-    """Compile SOURCE into `out` atomically, with the first `arch` flag set the compiler accepts."""
+def _compile(cxx: str, source: str, arch: list[list[str]], out: Path) -> None:
+    """Compile `source` into `out` atomically, with the first `arch` flag set the compiler accepts."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     src = Path(tmp_name).with_suffix(".cpp")
     try:
-        src.write_text(SOURCE)
+        src.write_text(source)
         errors = []
         for extra in arch:
             cmd = [cxx, *FLAGS, *extra, str(src), "-o", tmp_name]
@@ -187,23 +265,28 @@ def _compile(cxx: str, arch: list[list[str]], out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def build(march: str = "native") -> Kernels:
-    """Compile (or reuse from the cache) and load SOURCE for `-march=<march>`; errors raise.
-
-    "native" falls back to the compiler's default target if -march=native is refused. Other
-    values ("haswell" for AVX2, "x86-64" for the scalar path) exist to test every code path.
-    """
+def build(isa: str | None = None) -> Kernels:
+    """Compile (or reuse from the cache) and load qgemv.cpp for `isa` (default: GEMMAKIT_KERNEL_ISA,
+    else "native"); errors raise. "avx2", "avx512" and "scalar" exist to run every code path on one
+    machine; "native" falls back to the compiler's default target if -march=native is refused."""
+    isa = isa or _kernel_isa()
+    if isa not in ISA_FLAGS:
+        raise QuantError(f"kernel ISA: expected one of {sorted(ISA_FLAGS)}, got {isa!r}")
     cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    try:
+        source = SOURCE_FILE.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RuntimeError(f"{SOURCE_FILE}: kernel source missing from the installed package ({e})") from None
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    arch = [[f"-march={march}"], []] if march == "native" else [[f"-march={march}"]]
-    arch = [a + OPENMP for a in arch] + arch
-    key = "\n".join([SOURCE, " ".join(FLAGS), march, cxx, version.split("\n")[0], _cpu_flags(), str(ABI)])
-    path = cache_dir() / f"qgemv-{march}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    arch = [a + OPENMP for a in ISA_FLAGS[isa]] + ISA_FLAGS[isa]
+    compiler = version.split("\n")[0]
+    key = "\n".join([source, " ".join(FLAGS), repr(arch), cxx, compiler, _cpu_flags(), str(ABI)])
+    path = cache_dir() / f"qgemv-{isa}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not path.exists():
-        log.info("building quantized kernels with %s into %s", cxx, path)
-        _compile(cxx, arch, path)
+        log.info("building quantized kernels (%s) with %s into %s", isa, cxx, path)
+        _compile(cxx, source, arch, path)
     return Kernels(ctypes.CDLL(str(path)), path)
 
 
@@ -216,7 +299,7 @@ def native() -> Kernels | None:
         else:
             try:
                 _state["native"] = build()
-            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError, QuantError) as e:
                 _state["why"] = " ".join(str(e).split())
                 log.warning("native quantized kernels unavailable (%s); using the pure-PyTorch path, "
                             "decode will be several times slower", _state["why"])  # fmt: skip
@@ -247,25 +330,34 @@ def use_native(enabled: bool) -> None:
 # ---- the operation the modules call ------------------------------------------------------------------
 
 
+def gemv_max_rows(scheme: str) -> int:
+    """Activation rows up to which `matmul` takes the native GEMV for `scheme` on this CPU: the
+    measured crossover of this ISA level (`CROSSOVERS`), for the prefill path now in force."""
+    kern = native()
+    if kern is None:
+        return 0
+    level = _LEVEL if kern.isa == "avx512" else kern.isa  # an AVX2 / scalar build on a faster CPU
+    row = CROSSOVERS[level]
+    if row.bf16_prefill and not _BF16_GEMM:  # bf16 prefill switched off: the fp32 GEMM's crossover
+        row = CROSSOVERS["avx512"]  # (measured on Intel; on AMD the GEMV would win further still)
+    return getattr(row, scheme)
+
+
 def matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], scheme: str, shape: tuple[int, int],
            group: int | None, max_gemv_rows: int | None = None) -> torch.Tensor:  # fmt: skip
-    """x (M, K) float32 @ W^T -> (M, N) float32: native GEMV for M <= GEMV_MAX_ROWS[isa], else tiled GEMM."""
+    """x (M, K) float32 @ W^T -> (M, N) float32: native GEMV for M <= `gemv_max_rows(scheme)`, else a
+    tiled GEMM (bf16 where `bf16_prefill()`, fp32 otherwise and in the PyTorch fallback)."""
     (n, k), kern = shape, native()
     if kern is not None and x.device.type != "cpu":
         kern = None
     bf16_gemm = scheme == "bf16" and kern is not None and _BF16_GEMM
     if max_gemv_rows is None and kern is not None:
-        if bf16_gemm:
-            max_gemv_rows = BF16_GEMV_MAX_ROWS
-        elif _BF16_GEMM:
-            max_gemv_rows = GEMV_MAX_ROWS_BF16_TILES[scheme]
-        else:
-            max_gemv_rows = GEMV_MAX_ROWS.get(kern.isa, 4)
+        max_gemv_rows = gemv_max_rows(scheme)
     if kern is not None and x.shape[0] <= max_gemv_rows:
         return kern.gemv(x, packed, scheme, shape, group)
     if bf16_gemm:
         return F.linear(x.to(torch.bfloat16), packed["qweight"]).float()
-    if kern is not None and _BF16_GEMM:  # int8 / int4 prefill: bf16 tiles into the AMX GEMM
+    if kern is not None and _BF16_GEMM:  # int8 / int4 prefill: bf16 tiles into the bf16 GEMM
         rows, dtype = max(1, min(n, BF16_TILE_BYTES // (2 * k))), torch.bfloat16
         x = x.to(torch.bfloat16)
     else:

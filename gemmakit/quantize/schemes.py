@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from gemmakit.errors import UserError
+
 SCHEMES = ("int8", "int4", "bf16")
 CHUNK = 32  # int4 columns must come in multiples of this; so must group sizes
 BLOCK = 128  # int4 columns per packed block (see the layout above)
@@ -37,7 +39,7 @@ DEFAULT_GROUP_SIZE = 64  # int4; the measurement behind it is in the module docs
 _ROWS_PER_STEP = 4096  # quantize in row chunks: fp32 temporaries stay ~3 x 4096 x K x 4 bytes
 
 
-class QuantError(ValueError):
+class QuantError(UserError):
     """A quantization request or quantized checkpoint is invalid; the message is one line."""
 
 

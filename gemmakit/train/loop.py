@@ -42,6 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from gemmakit.artifact import write_json
+from gemmakit.errors import UserError
 from gemmakit.train import checkpoints as ckpt
 from gemmakit.train import distributed as dist
 from gemmakit.train.objectives import count_targets
@@ -51,7 +53,7 @@ from gemmakit.train.recipe import Recipe
 log = logging.getLogger(__name__)
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training cannot go on; the message names the step and what to do."""
 
 
@@ -270,7 +272,7 @@ def save(run_dir: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer
     try:
         r = dist.rank()
         ckpt.write_torch(tmp / f"rank-{r}.pt", {"rng": rng_state(), "step": step})
-        ckpt.write_json(tmp / f"rank-{r}.json", {"step": step, "loader": train.state_dict()})
+        write_json(tmp / f"rank-{r}.json", {"step": step, "loader": train.state_dict()})
         if r == 0:
             ckpt.write_tensors(tmp / "trainable.safetensors", trainable)
             ckpt.write_torch(tmp / "optimizer.pt", optim_state)

@@ -3,12 +3,12 @@
 Where it sits: `gemmakit nano --out DIR` runs it; its output is what ships as the default model
 (`gemmakit/assets/nano`). Stages, each leaving a directory under DIR/work:
 
-1. text: the 42 modern-edition Shakespeare plays of data/shakespeare.tar.xz (sha256-checked, read
+1. text: the 42 modern-edition Shakespeare plays of shakespeare.tar.xz (sha256-checked, read
    from the archive without extracting), cut into passages at blank lines;
 2. tokenizer: SentencePiece BPE with Gemma 3's special ids (`data.spm`), on the passages plus the
    synthetic chat text;
 3. shards: passages -> token shards (`data.shards`), 2% held out for validation;
-4. pretraining with recipes/nano-pretrain.toml; 5. SFT with recipes/nano-sft.toml on conversations
+4. pretraining with nano-pretrain.toml; 5. SFT with nano-sft.toml on conversations
    from `data.synth` (seed 1); held-out prompts use other seeds (2: chat, 3: arithmetic);
 6. evaluation: arithmetic accuracy before and after SFT, the rate at which answers end with
    <end_of_turn>, five sample chats; 7. DIR/model: bf16 weights, tokenizer, nano.json (recipes,
@@ -21,7 +21,6 @@ is a working default for every command, not a useful assistant.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -34,20 +33,24 @@ from pathlib import Path
 
 import torch
 
+from gemmakit.artifact import atomic_dir, sha256_file, verify, write_json
 from gemmakit.chat import render
 from gemmakit.checkpoint import load_model, save_hf
 from gemmakit.data import synth
 from gemmakit.data.shards import ShardWriter
 from gemmakit.data.spm import train_spm
+from gemmakit.errors import UserError
 from gemmakit.infer import Engine
 from gemmakit.tokenizer import Tokenizer
-from gemmakit.train.checkpoints import write_json
 from gemmakit.train.recipe import load_recipe, recipe_to_dict
 from gemmakit.train.run import run
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (recipes/ and data/ live there)
+# The build's inputs (corpus, its sha256, the two recipes) ship as package data, so `gemmakit nano` runs
+# from an installed wheel as well as from a checkout.
+BUILD_DIR = Path(__file__).resolve().parents[1] / "assets" / "nano-build"
+CORPUS, CORPUS_SHA256 = "shakespeare.tar.xz", "shakespeare.sha256"
 SFT_TRAIN_SEED, CHAT_HELDOUT_SEED, ARITH_HELDOUT_SEED = 1, 2, 3
 # Smoke mode (CI): a few plays, a small vocabulary and a handful of steps, same code path.
 SMOKE = {"plays": 2, "vocab": 1024, "sft_conversations": 400,
@@ -57,16 +60,28 @@ SMOKE = {"plays": 2, "vocab": 1024, "sft_conversations": 400,
          "sft": ["loop.steps=4", "loop.log_every=1", "data.batch_size=4"]}  # fmt: skip
 
 
-class NanoError(RuntimeError):
+class NanoError(UserError, RuntimeError):
     """The nano build cannot run (missing or altered shipped data)."""
+
+
+def _shipped(path: Path) -> Path:
+    """`path` if the package holds it, else a NanoError naming what is missing."""
+    if not path.is_file():
+        raise NanoError(f"{path}: missing; `gemmakit nano` needs the build inputs shipped in {BUILD_DIR} "
+                        f"({CORPUS}, {CORPUS_SHA256}, nano-pretrain.toml, nano-sft.toml): reinstall gemmakit")  # fmt: skip
+    return path
+
+
+def _expected_sha256() -> str:
+    return _shipped(BUILD_DIR / CORPUS_SHA256).read_text().split()[0]
 
 
 def passages(archive: Path, max_plays: int | None = None, target_chars: int = 2000) -> list[str]:
     """Modern-edition plays cut at blank lines into passages of about `target_chars` characters."""
-    want = (ROOT / "recipes" / "nano-data.sha256").read_text().split()[0]
-    got = hashlib.sha256(archive.read_bytes()).hexdigest()
+    want = _expected_sha256()
+    got = sha256_file(_shipped(archive))
     if got != want:
-        raise NanoError(f"{archive}: sha256 {got} differs from recipes/nano-data.sha256 ({want})")
+        raise NanoError(f"{archive}: sha256 {got} differs from {BUILD_DIR / CORPUS_SHA256} ({want})")
     out = []
     with tarfile.open(archive, "r:xz") as tar:
         members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")),
@@ -90,7 +105,7 @@ def _chat_text(convs: list[dict]) -> list[str]:
 
 def _write_shards(docs: list[str], tok: Tokenizer, out: Path) -> Path:
     with ShardWriter(out, vocab_size=tok.vocab_size, tokenizer_sha256=tok.sha256, bos_id=tok.bos_id,
-                     meta={"source": "data/shakespeare.tar.xz"}, overwrite=True) as w:  # fmt: skip
+                     meta={"source": CORPUS}, overwrite=True) as w:  # fmt: skip
         for d in docs:
             w.add(tok.encode(d, bos=True, eos=True))
     return out
@@ -134,7 +149,7 @@ def build(out: str | Path, *, smoke: bool = False, on_log: Callable[[str, dict],
         log.info("nano: %s done in %.0f s", name, timings[name])
 
     t0 = time.perf_counter()
-    docs = passages(ROOT / "data" / "shakespeare.tar.xz", SMOKE["plays"] if smoke else None)
+    docs = passages(BUILD_DIR / CORPUS, SMOKE["plays"] if smoke else None)
     sft = synth.conversations(SMOKE["sft_conversations"] if smoke else 24000, SFT_TRAIN_SEED)
     rng = random.Random(0)
     rng.shuffle(docs)
@@ -154,7 +169,7 @@ def build(out: str | Path, *, smoke: bool = False, on_log: Callable[[str, dict],
 
     def stage(name: str, recipe_file: str, sets: list[str]) -> tuple[dict, Path]:
         t0 = time.perf_counter()
-        recipe = load_recipe(ROOT / "recipes" / recipe_file, sets + (SMOKE[name] if smoke else []))
+        recipe = load_recipe(_shipped(BUILD_DIR / recipe_file), sets + (SMOKE[name] if smoke else []))
         shutil.rmtree(work / name, ignore_errors=True)  # a rebuild starts each stage afresh
         result = run(recipe, work / name, on_log=(lambda r: on_log(name, r)) if on_log else None)
         timed(name, t0)
@@ -187,7 +202,7 @@ def build(out: str | Path, *, smoke: bool = False, on_log: Callable[[str, dict],
         "timings_s": timings,
         "smoke": smoke,
         "data": {
-            "shakespeare.tar.xz": (ROOT / "recipes" / "nano-data.sha256").read_text().split()[0],
+            "shakespeare.tar.xz": _expected_sha256(),
             "passages": len(docs),
             "val_passages": n_val,
             "sft_conversations": len(sft),
@@ -205,14 +220,17 @@ def build(out: str | Path, *, smoke: bool = False, on_log: Callable[[str, dict],
 
 
 def package(src: Path, dst: Path, report: dict) -> Path:
-    """The shippable directory: bf16 HF safetensors, tokenizer.model and nano.json, replaced atomically."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # 16 MiB shards: the 29 MB of bf16 weights stay below the repository's 20 MiB per-file limit.
-    save_hf(load_model(src, dtype=torch.float32), tmp, dtype=torch.bfloat16, max_shard_bytes=16 << 20)
-    shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
-    write_json(tmp / "nano.json", report)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    """The shippable directory: bf16 HF safetensors, tokenizer.model and nano.json, replaced atomically;
+    its manifest.json (that of the HF export: format, dtype, config) lists all of them."""
+    fields: dict = {}  # the export's manifest fields, read at commit
+    with atomic_dir(dst, overwrite=True, producer="gemmakit.train.nano.package", extra=fields) as tmp:
+        # 16 MiB shards: the 29 MB of bf16 weights stay below the repository's 20 MiB per-file limit.
+        hf = save_hf(load_model(src, dtype=torch.float32), tmp / ".hf", dtype=torch.bfloat16,
+                     max_shard_bytes=16 << 20)  # fmt: skip
+        fields.update(verify(hf))
+        for f in hf.iterdir():
+            f.rename(tmp / f.name)
+        hf.rmdir()
+        shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+        write_json(tmp / "nano.json", report)
     return dst

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.config import dataclass_from_table, read_toml
+from gemmakit.errors import UserError
 
 METHODS = ("pretrain", "sft")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe file or override is invalid; the message names the file, key and what was expected."""
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.checkpoint import fsync_path, load_model, save_hf
+from gemmakit.artifact import atomic_dir, sha256_file, verify, write_json
+from gemmakit.checkpoint import load_model, save_hf
 from gemmakit.config import ModelConfig, get_preset, layer_pattern
 from gemmakit.model import Gemma
 from gemmakit.tokenizer import Tokenizer
 from gemmakit.train import distributed as dist
-from gemmakit.train.checkpoints import sha256_file, write_json
 from gemmakit.train.loop import Hooks, Result, fit
 from gemmakit.train.objectives import NextTokenLoss
 from gemmakit.train.recipe import Recipe, RecipeError, recipe_to_dict
@@ -213,33 +213,32 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
 
 
 def finalize(recipe: Recipe, run_dir: Path, result: Result, tokenizer: Tokenizer) -> Path:
-    """run_dir/final: the last checkpoint's export, the tokenizer and train.json, replaced atomically."""
-    src = result.last_checkpoint
+    """run_dir/final: the last checkpoint's export, the tokenizer and train.json, replaced atomically.
+
+    Its manifest.json keeps the export's fields (format, dtype, config: what loaders read) and lists
+    every file of final/, train.json and the tokenizer included.
+    """
+    ckpt = result.last_checkpoint
+    src = ckpt / ("adapter" if recipe.lora.enabled else "hf")
     final = run_dir / "final"
-    tmp = run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src / ("adapter" if recipe.lora.enabled else "hf"), tmp)
-    if not (tmp / "tokenizer.model").exists():
-        shutil.copyfile(tokenizer.source, tmp / "tokenizer.model")
-    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    data = [p for p in (recipe.data.path, recipe.data.val_path) if p]
-    write_json(tmp / "train.json", {
-        "recipe": recipe_to_dict(recipe),
-        "steps": result.steps,
-        "final_train_loss": records[-1]["loss"] if records else None,
-        "final_val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
-        "data": {p: _data_hash(Path(p)) for p in data},
-        "tokenizer_sha256": tokenizer.sha256,
-        "checkpoint": src.name,
-    })  # fmt: skip
-    fsync_path(tmp)
-    old = run_dir / ".final.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    fsync_path(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    fields = verify(src)  # the export is checked before it is copied and hashed anew
+    with atomic_dir(final, overwrite=True, producer="gemmakit.train.run.finalize", extra=fields) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if not (tmp / "tokenizer.model").exists():
+            shutil.copyfile(tokenizer.source, tmp / "tokenizer.model")
+        records = [
+            json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
+        ]
+        data = [p for p in (recipe.data.path, recipe.data.val_path) if p]
+        write_json(tmp / "train.json", {
+            "recipe": recipe_to_dict(recipe),
+            "steps": result.steps,
+            "final_train_loss": records[-1]["loss"] if records else None,
+            "final_val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
+            "data": {p: _data_hash(Path(p)) for p in data},
+            "tokenizer_sha256": tokenizer.sha256,
+            "checkpoint": ckpt.name,
+        })  # fmt: skip
     return final
 
 

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 
 from gemmakit.chat import ChatError, render
+from gemmakit.errors import UserError
 from gemmakit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class SFTDataError(ValueError):
+class SFTDataError(UserError):
     """A chat JSONL file or line is unusable; the message names file:line and what was expected."""
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gemmakit.errors import UserError
 from gemmakit.eval.lm import LoglikelihoodRequest, Request
 from gemmakit.eval.metrics import choice_accuracy, choice_accuracy_norm
 
@@ -32,7 +33,7 @@ PARQUET_MAGIC = b"PAR1"
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Bad evaluation input (unknown task or protocol, missing or malformed data); one line."""
 
 

@@ -1,20 +1,17 @@
-"""C++ source of the quantized GEMV / dequantize kernels, compiled on first use by `kernels`.
-
-Kept as a Python string so it ships inside the package without package-data configuration.
-`-march=native` selects the AVX-512 or AVX2+FMA path at compile time, else plain C++ (also used
-for int4 rows whose length is not a multiple of 128). Each tile is R weight rows x up to 4
-activation rows (R = 8 for int4 decode on AVX-512): weights are widened to fp32 in registers and
-fma'd against fp32 activations, so the result is the fp32 product with the dequantized matrix up
-to summation order. int4 avoids byte shuffles entirely (see the comment at the top of SOURCE):
-~3 vector instructions per 16 weights; its mild cancellation (1 + q/16 instead of q) leaves int4
-GEMV errors ~1.5e-6 of the output scale, against 2.7e-7 for fp32 F.linear (bench_kernels notes).
-The bf16 GEMV widens each weight with a 16-bit shift (exact) and fma's in fp32 like int8.
-Rows are split over OpenMP threads. Changing this text changes the cache key, so a stale build is
-never loaded.
-"""
-
-SOURCE = r"""
-// gemmakit weight-only quantized GEMV and dequantize kernels (built by gemmakit/quantize/kernels.py).
+// gemmakit weight-only quantized GEMV and dequantize kernels, compiled on first use by kernels.py
+// (shipped as package data; a change of this text changes the build's cache key, so a stale build is
+// never loaded).
+//
+// The ISA is chosen at compile time: -march=native (or GEMMAKIT_KERNEL_ISA's flags, see kernels.py)
+// selects the AVX-512 or the AVX2+FMA path, else plain C++ (also used for int4 rows whose length is
+// not a multiple of 128). Each tile is R weight rows x up to 4 activation rows (R = 8 for int4 decode
+// on AVX-512): weights are widened to fp32 in registers and fma'd against fp32 activations, so the
+// result is the fp32 product with the dequantized matrix up to summation order. int4 avoids byte
+// shuffles entirely (see the int4 layout below): ~3 vector instructions per 16 weights; its mild
+// cancellation (1 + q/16 instead of q) leaves int4 GEMV errors ~1.5e-6 of the output scale, against
+// 2.7e-7 for fp32 F.linear (bench_kernels notes). The bf16 GEMV widens each weight with a 16-bit
+// shift (exact) and fma's in fp32 like int8. Rows are split over OpenMP threads.
+//
 // -ffp-contract=off keeps the dequantizers bit-equal to the PyTorch reference (no implicit fma).
 //
 // int8: w[n,k] = q[n,k] * scale[n]; q int8 in [-127, 127], scale fp32.
@@ -445,4 +442,3 @@ void gk_q4_dequant_bf16(const uint8_t* w, const uint32_t* sm, int64_t r0, int64_
 }
 
 }  // extern "C"
-"""

@@ -266,12 +266,10 @@ def crossover(args: argparse.Namespace, flush: Flusher) -> dict:
 def derive_row(cross: dict) -> dict:
     """The CROSSOVERS row these timings imply: bf16 prefill where it beats fp32 at the largest M for
     every scheme; per scheme, the largest M up to which the GEMV beats that prefill path at every M."""
-    bf16 = all(
-        "bf16 tiles + bf16 GEMM" in rows[max(rows, key=int)]
-        and rows[max(rows, key=int)]["bf16 tiles + bf16 GEMM"]
-        < rows[max(rows, key=int)]["fp32 tiles + fp32 GEMM"]
-        for rows in cross.values()
-    )
+    largest = [
+        rows[max(rows, key=int)] for rows in cross.values()
+    ]  # per scheme, the timings at the largest M
+    bf16 = all(t.get("bf16 tiles + bf16 GEMM", float("inf")) < t["fp32 tiles + fp32 GEMM"] for t in largest)
     path = "bf16 tiles + bf16 GEMM" if bf16 else "fp32 tiles + fp32 GEMM"
     row: dict = {"bf16_prefill": bf16}
     for scheme, rows in cross.items():

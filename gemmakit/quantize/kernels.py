@@ -135,7 +135,7 @@ def isa_level() -> str:
     kernels' build) and ONEDNN_MAX_CPU_ISA (torch's bf16 GEMMs), whichever is lowest."""
     level = LEVELS.index(_hardware_level())
     kernel_isa = os.environ.get("GEMMAKIT_KERNEL_ISA", "native")
-    if kernel_isa != "native":
+    if kernel_isa in LEVELS:  # "native" caps nothing; a bad value is reported when the kernels build
         level = max(level, LEVELS.index(kernel_isa))
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if onednn in _ONEDNN_CAP:
@@ -143,10 +143,12 @@ def isa_level() -> str:
     return LEVELS[level]
 
 
-def _kernel_isa() -> str:
-    isa = os.environ.get("GEMMAKIT_KERNEL_ISA", "native")
+def _kernel_isa(isa: str | None = None) -> str:
+    """`isa`, or GEMMAKIT_KERNEL_ISA (default "native"), checked against ISA_FLAGS."""
+    name = "kernel ISA" if isa else "GEMMAKIT_KERNEL_ISA"
+    isa = isa or os.environ.get("GEMMAKIT_KERNEL_ISA", "native")
     if isa not in ISA_FLAGS:
-        raise QuantError(f"GEMMAKIT_KERNEL_ISA: expected one of {sorted(ISA_FLAGS)}, got {isa!r}")
+        raise QuantError(f"{name}: expected one of {sorted(ISA_FLAGS)}, got {isa!r}")
     return isa
 
 
@@ -269,9 +271,7 @@ def build(isa: str | None = None) -> Kernels:
     """Compile (or reuse from the cache) and load qgemv.cpp for `isa` (default: GEMMAKIT_KERNEL_ISA,
     else "native"); errors raise. "avx2", "avx512" and "scalar" exist to run every code path on one
     machine; "native" falls back to the compiler's default target if -march=native is refused."""
-    isa = isa or _kernel_isa()
-    if isa not in ISA_FLAGS:
-        raise QuantError(f"kernel ISA: expected one of {sorted(ISA_FLAGS)}, got {isa!r}")
+    isa = _kernel_isa(isa)
     cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
@@ -333,7 +333,10 @@ def use_native(enabled: bool) -> None:
 def gemv_max_rows(scheme: str) -> int:
     """Activation rows up to which `matmul` takes the native GEMV for `scheme` on this CPU: the
     measured crossover of this ISA level (`CROSSOVERS`), for the prefill path now in force."""
-    kern = native()
+    return _gemv_rows(native(), scheme)
+
+
+def _gemv_rows(kern: Kernels | None, scheme: str) -> int:
     if kern is None:
         return 0
     level = _LEVEL if kern.isa == "avx512" else kern.isa  # an AVX2 / scalar build on a faster CPU
@@ -352,7 +355,7 @@ def matmul(x: torch.Tensor, packed: dict[str, torch.Tensor], scheme: str, shape:
         kern = None
     bf16_gemm = scheme == "bf16" and kern is not None and _BF16_GEMM
     if max_gemv_rows is None and kern is not None:
-        max_gemv_rows = gemv_max_rows(scheme)
+        max_gemv_rows = _gemv_rows(kern, scheme)  # kern already looked up
     if kern is not None and x.shape[0] <= max_gemv_rows:
         return kern.gemv(x, packed, scheme, shape, group)
     if bf16_gemm:

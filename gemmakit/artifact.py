@@ -13,7 +13,13 @@ workers import it), under every stage that writes. Readers call `verify` (or sha
 A replaced target is never missing: on Linux an existing target is swapped with the new directory
 by one `renameat2(RENAME_EXCHANGE)`; elsewhere it is renamed aside to `.NAME.old-PID-*` first, and
 `recover` (run by `verify` and by the next write) puts an aside copy back if a kill left no target.
-So after a kill at any point a reader finds the whole old artifact or the whole new one.
+So after a kill at any point a reader finds the whole old artifact or the whole new one. Without
+`overwrite` the new directory is placed by an exclusive rename (`RENAME_NOREPLACE`), so of two
+writers racing to the same new target the later one is refused instead of replacing the first.
+
+A write that fails for a reason the user can fix (read-only filesystem, permission denied, no space
+left, a file where a directory should be) is an `ArtifactError` naming the target and the reason, the
+temp files are removed, and cleanup never raises a second error that would hide the first.
 
 Key trade-off: the old copy stays on disk until the new one is in place (twice the space while
 writing), and every file is fsynced and hashed (about 1 s per GB), which is small next to writing it
@@ -22,6 +28,7 @@ and is what makes "killed at any point" recoverable and a flipped byte detectabl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -56,6 +63,88 @@ class ArtifactError(UserError):
     file and what was expected."""
 
 
+class ArtifactWriteError(ArtifactError, OSError):
+    """Writing an output failed for a reason the user can fix (read-only, full, permissions, not a
+    directory). Also an OSError, with the original `errno`, so code that catches OSError around a
+    write (to clean up, or to retry) still does."""
+
+    path: str  # the output named in the message
+    reason: str  # what went wrong, e.g. "no space left on device"
+
+
+# OS errors writing an output that the user fixes (another path, free space, a mount, permissions),
+# reported as one line instead of a traceback. EIO and the like stay OSErrors: those are not input.
+_USER_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EROFS",
+        "EACCES",
+        "EPERM",
+        "ENOSPC",
+        "EDQUOT",
+        "EFBIG",
+        "ENOTDIR",
+        "EISDIR",
+        "EEXIST",
+        "ENOTEMPTY",
+        "ENAMETOOLONG",
+        "EXDEV",
+        "ELOOP",
+        "EMLINK",
+    )  # fmt: skip
+    if hasattr(errno, name)
+)
+
+
+def write_error(path: str | Path, e: OSError) -> ArtifactWriteError | None:
+    """The one-line ArtifactError for an OSError writing output `path`, or None if it is not one the
+    user can fix (the caller then re-raises the OSError)."""
+    if e.errno not in _USER_ERRNOS:
+        return None
+    reason = (e.strerror or str(e)).lower()
+    where = os.path.abspath(os.fsdecode(e.filename)) if isinstance(e.filename, (str, bytes)) else ""
+    if e.errno == errno.EEXIST and where and os.path.exists(where) and not os.path.isdir(where):
+        reason = "not a directory"  # mkdir(parents=True) met a file where a directory must go
+    parent = os.path.dirname(os.path.abspath(path))
+    if where and os.path.dirname(where) != parent and not where.startswith(os.path.join(parent, ".")):
+        # a path other than the output, its siblings or its temp copies (say a source file): name it too
+        reason += f": {where}"
+    return _write_error(path, reason, e.errno)
+
+
+def _write_error(path: str | Path, reason: str, code: int | None) -> ArtifactWriteError:
+    err = ArtifactWriteError(f"{path}: cannot write ({reason})")
+    err.errno = code  # strerror and filename stay unset: they would replace the one-line message
+    err.path, err.reason = str(path), reason
+    return err
+
+
+@contextmanager
+def write_errors(path: str | Path) -> Iterator[None]:
+    """Turn a user-fixable OSError inside the block into `write_error(path, e)`."""
+    try:
+        yield
+    except ArtifactWriteError as e:
+        # a file inside `path`'s temp copy (say its config.json) failed: name the output, not the temp
+        staged = os.path.join(os.path.dirname(os.path.abspath(path)), f".{Path(path).name}.")
+        if e.path.startswith(staged):
+            raise _write_error(path, e.reason, e.errno) from None
+        raise
+    except OSError as e:
+        err = write_error(path, e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def discard(path: Path) -> None:
+    """Remove a temp file if there is one; never raises (it runs while another error propagates, and on a
+    read-only filesystem even unlinking a missing file fails with EROFS rather than ENOENT)."""
+    with contextlib.suppress(OSError):
+        if os.path.lexists(path):
+            os.unlink(path)
+
+
 # ---- single files ---------------------------------------------------------------------------------
 
 
@@ -69,26 +158,49 @@ def fsync_path(path: Path) -> None:
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """A temp file `.name.tmp-PID` next to `path`, fsynced and renamed onto it on success, removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_open(path: Path, mode: str = "w", *, overwrite: bool = True) -> Iterator[IO[Any]]:
+    """A temp file `.name.tmp-PID` next to `path`, fsynced and renamed onto it on success, removed on failure.
+
+    Without `overwrite` an existing `path` is refused at the rename (`place_file`). A user-fixable
+    OSError (read-only, full, not a directory...) becomes an ArtifactError naming `path`.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            place_file(tmp, path, overwrite=overwrite)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        discard(tmp)
+
+
+def place_file(tmp: Path, path: Path, *, overwrite: bool) -> None:
+    """Rename finished temp file `tmp` onto `path` and fsync the directory. Without `overwrite` the rename
+    is exclusive: an existing `path`, even one that appeared a moment ago, is an ArtifactError."""
+    with write_errors(path):
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                if not _rename_noreplace(tmp, path):
+                    os.link(tmp, path)  # EEXIST if `path` exists: no window for a second writer
+                    os.unlink(tmp)
+            except FileExistsError:
+                raise ArtifactError(f"{path}: exists; pass overwrite=True to replace it") from None
+        fsync_path(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:
     """`obj` as indented, key-sorted JSON, atomically (the same object gives the same bytes)."""
     with atomic_open(path) as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        f.write(_json_text(obj))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def sha256_file(path: Path) -> str:
@@ -131,11 +243,16 @@ def stage(out_dir: str | Path, *, overwrite: bool) -> Path:
     removed), then refuses a target that is not a directory, or is not empty without `overwrite`.
     """
     out_dir = Path(os.path.abspath(out_dir))
-    recover(out_dir)
-    _check_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    with write_errors(out_dir):
+        recover(out_dir)
+        _check_target(out_dir, overwrite)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    except BaseException:
+        abort(tmp)
+        raise
     return tmp
 
 
@@ -159,8 +276,18 @@ def commit(tmp: str | Path, out_dir: str | Path, *, producer: str, overwrite: bo
     "size"}} of every other file. An existing `out_dir` is swapped out atomically (or renamed aside
     and restored if placing the new one fails), the parent is fsynced, the old copy removed. On an
     exception `tmp` is left for the caller to `abort`.
+
+    Without `overwrite` the placing rename is exclusive (`RENAME_NOREPLACE`; an empty `out_dir` is
+    removed first), so a target another writer committed meanwhile is refused, never replaced. A
+    user-fixable OSError is an ArtifactError naming `out_dir`.
     """
     tmp, out_dir = Path(tmp), Path(os.path.abspath(out_dir))
+    with write_errors(out_dir):
+        return _commit(tmp, out_dir, producer=producer, overwrite=overwrite, manifest=manifest, extra=extra)
+
+
+def _commit(tmp: Path, out_dir: Path, *, producer: str, overwrite: bool, manifest: bool,
+            extra: Mapping[str, Any] | None) -> Path:  # fmt: skip
     _check_target(out_dir, overwrite)  # it may have appeared while we were writing
     files, dirs = _walk(tmp)
     for path in files + dirs[::-1]:  # files, then directories deepest first, tmp itself last
@@ -175,7 +302,11 @@ def commit(tmp: str | Path, out_dir: str | Path, *, producer: str, overwrite: bo
         })  # fmt: skip
         _step("manifest")
     parent = out_dir.parent
-    if out_dir.is_dir() and _exchange(tmp, out_dir):  # out_dir is the new one, tmp holds the old
+    if not overwrite:
+        _place_exclusive(tmp, out_dir)
+        _step("placed")
+        old = None
+    elif out_dir.is_dir() and _exchange(tmp, out_dir):  # out_dir is the new one, tmp holds the old
         _step("swapped")
         old = tmp
     else:
@@ -199,6 +330,29 @@ def commit(tmp: str | Path, out_dir: str | Path, *, producer: str, overwrite: bo
     return out_dir
 
 
+def _place_exclusive(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to `out_dir` only if nothing is there; an empty `out_dir` (which `_check_target`
+    allows without overwrite) is removed first. rmdir refuses a non-empty directory and the rename is
+    exclusive, so a directory another writer placed at any moment is refused, never replaced."""
+    refused = ArtifactError(f"{out_dir}: exists and is not empty (written meanwhile by another process?); "
+                            "pass overwrite=True to replace it")  # fmt: skip
+    if out_dir.is_dir() and not out_dir.is_symlink():
+        try:
+            os.rmdir(out_dir)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise refused from None
+            raise
+    try:
+        if not _rename_noreplace(tmp, out_dir):
+            # no renameat2: rename replaces only an empty directory, so a filled one still fails
+            os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise refused from None
+        raise
+
+
 def abort(tmp: str | Path) -> None:
     """Remove a staged directory that will not be committed (idempotent)."""
     shutil.rmtree(tmp, ignore_errors=True)
@@ -213,7 +367,8 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool, producer: str, manifest:
     (e.g. with the fields of an inner artifact it wrote)."""
     tmp = stage(out_dir, overwrite=overwrite)
     try:
-        yield tmp
+        with write_errors(out_dir):  # e.g. the disk filling up while the block writes into tmp
+            yield tmp
         commit(tmp, out_dir, producer=producer, overwrite=overwrite, manifest=manifest, extra=extra)
     except BaseException:
         abort(tmp)
@@ -222,7 +377,7 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool, producer: str, manifest:
 
 # ---- the atomic swap ------------------------------------------------------------------------------
 
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
@@ -245,6 +400,20 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in _UNSUPPORTED:  # a filesystem or kernel without it: rename aside instead
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` only if `dst` does not exist (renameat2 RENAME_NOREPLACE; EEXIST if it
+    does); False where unsupported, for the caller to fall back."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
 
 
 # ---- reading: recover, verify ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gemmakit import cli_args as ca
 from gemmakit.errors import UserError
 
 # The project's own small model, shipped inside the package (built by `gemmakit nano`, see README).
@@ -289,23 +290,34 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.model or its directory (default: beside the weights)")
     p.add_argument("--preset", help="config preset for a checkpoint without config.json (e.g. gemma-2b)")
     p.add_argument("--dtype", help="compute dtype: float32, bfloat16 (default: as stored)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", type=ca.device, help="torch device (default: cpu)")
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"],
                    help="attention: exact reference 'eager' or faster 'sdpa' (default; Gemma 2 always eager)")  # fmt: skip
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=ca.threads, help="CPU threads (default: torch's choice)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=512, help="tokens to generate per reply (default: 512)"
+        "--max-new-tokens",
+        type=ca.positive_int,
+        default=512,
+        help="tokens to generate per reply (default: 512)",
     )
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--top-k", type=ca.positive_int, default=None, help="sample from the k most likely tokens")
     p.add_argument(
-        "--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks of N tokens"
+        "--top-p",
+        type=ca.float_range(0.0, 1.0, lo_open=True),
+        default=None,
+        help="nucleus sampling threshold in (0, 1]",
+    )
+    p.add_argument("--seed", type=ca.seed, default=None, help="random seed for sampling")
+    p.add_argument(
+        "--prefill-chunk",
+        type=ca.positive_int,
+        default=None,
+        help="prefill long prompts in chunks of N tokens",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemmakit", description="Gemma models on your own machine.")
+    parser = ca.Parser(prog="gemmakit", description="Gemma models on your own machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -313,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Stream a continuation of a raw text prompt (no chat template).")  # fmt: skip
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text (BOS is added)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=ca.float_range(0.0), default=0.0, help="0 = greedy (default)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <eos>")
     p.set_defaults(func=cmd_generate)
 
@@ -321,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Chat with an instruction-tuned Gemma. /reset clears, /exit quits.")  # fmt: skip
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt (folded into the first user turn)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument(
+        "--temperature", type=ca.float_range(0.0), default=1.0, help="sampling temperature (default 1.0)"
+    )
     p.set_defaults(func=cmd_chat, top_k=64, top_p=0.95)  # Gemma's published sampling defaults
 
     p = sub.add_parser("convert", help="convert between checkpoint layouts",
@@ -331,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--preset", help="config preset for a source without config.json")
     p.add_argument("--dtype", help="output dtype (default: as stored)")
-    p.add_argument("--max-shard-mb", type=float, default=None, help="shard HF output files at this size")
+    p.add_argument(
+        "--max-shard-mb",
+        type=ca.float_range(0.0, 2.0**40, lo_open=True),
+        default=None,
+        help="shard HF output files at this size",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_convert)
 
@@ -344,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .gguf file (written atomically)")
     p.add_argument("--tokenizer", help="tokenizer.model or its directory (default: beside the weights)")
     p.add_argument("--preset", help="config preset for a checkpoint without config.json")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=ca.threads, help="CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export_gguf, dtype=None, device="cpu", attn="eager")
 
@@ -355,12 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", required=True, choices=["int8", "int4", "bf16"],
                    help="int8: per-output-row scales; int4: groups of --group-size columns; "
                         "bf16: weights kept as bf16, native bf16 x fp32 decode kernel")  # fmt: skip
-    p.add_argument("--group-size", type=int, default=None, help="int4: a multiple of 32 (default 64)")
+    p.add_argument(
+        "--group-size", type=ca.positive_int, default=None, help="int4: a multiple of 32 (default 64)"
+    )
     p.add_argument("--embed-scheme", choices=["int8", "int4", "bf16"], default=None,
                    help="quantize the embedding / output projection differently (default: --scheme)")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--preset", help="config preset for a source without config.json")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=ca.threads, help="CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_quantize)
 
@@ -370,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a named preset instead of a checkpoint")
     p.add_argument("--dtype", help="dtype for the estimate (default: as stored, bfloat16 for presets)")
     p.add_argument(
-        "--context", type=int, help="context length for the KV-cache estimate (default: min(max, 8192))"
+        "--context",
+        type=ca.positive_int,
+        help="context length for the KV-cache estimate (default: min(max, 8192))",
     )
     p.set_defaults(func=cmd_info)
 

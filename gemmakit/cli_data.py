@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gemmakit import cli_args as ca
+
 
 def cmd_data_run(args: argparse.Namespace) -> int:
     from gemmakit.data.pipeline import run
@@ -64,7 +66,9 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local worker processes (default) or a Ray cluster")  # fmt: skip
     r.add_argument(
-        "--workers", type=int, help="local worker processes (default: the recipe's pipeline.workers)"
+        "--workers",
+        type=ca.int_range(1, 1024),
+        help="local worker processes (default: the recipe's pipeline.workers)",
     )
     r.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
     r.set_defaults(func=cmd_data_run)
@@ -72,8 +76,10 @@ def add_parsers(sub: Any) -> None:
                         description="Seeded web-like documents (prose, junk, duplicates, personal data, "
                                     "other languages) as JSONL, plus a small eval set some documents quote.")  # fmt: skip
     r.add_argument("--out", required=True, help="directory (gets web/ and evals/)")
-    r.add_argument("--docs", type=int, default=20000, help="number of documents (default 20000)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--docs", type=ca.int_range(1, 10**8), default=20000, help="number of documents (default 20000)"
+    )
+    r.add_argument("--seed", type=ca.seed, default=0)
     r.set_defaults(func=cmd_data_synth)
     r = data.add_parser("report", help="re-render report.md / report.png from a run's stats.json")
     r.add_argument("dir", help="a finished data run's output directory")

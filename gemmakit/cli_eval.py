@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gemmakit import cli_args as ca
+
 PROGRESS_SLICE = 256  # requests per adapter call while showing progress
 
 
@@ -145,8 +147,10 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     p.add_argument("--tasks", help="comma-separated task names (e.g. arc_easy,hellaswag,gsm8k) or ppl:PATH")
     p.add_argument("--protocol", default="lm-eval", help="gemma1, gemma2, gemma3 or lm-eval (default)")
     p.add_argument("--data-dir", default="eval-data", help="directory holding the datasets' files")
-    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    p.add_argument("--limit", type=ca.positive_int, help="score only the first N documents of each task")
+    p.add_argument(
+        "--batch-size", type=ca.int_range(1, 4096), default=8, help="requests per forward pass (default 8)"
+    )
     p.add_argument("--out", help="output directory (default: eval-runs/<timestamp>)")
     p.add_argument("--endpoint", help="evaluate an OpenAI-compatible server instead (base URL, e.g. "
                    "http://127.0.0.1:8000/v1)")  # fmt: skip
@@ -156,7 +160,7 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
                         "(it then runs with your user's rights, network and files)")  # fmt: skip
     p.add_argument("--memorization", metavar="SHARDS",
                    help="run the memorization test on a token-shard directory or a `gemmakit data run` output")  # fmt: skip
-    p.add_argument("--per-source", type=int, default=10_000,
+    p.add_argument("--per-source", type=ca.positive_int, default=10_000,
                    help="documents sampled per source for --memorization (default 10000, as the report)")  # fmt: skip
     p.add_argument("--report", metavar="DIR", help="only re-render DIR/report.md from DIR/results.json")
     p.set_defaults(func=lambda args: cmd_eval(args, load))

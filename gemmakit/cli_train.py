@@ -14,6 +14,8 @@ import argparse
 import time
 from typing import Any
 
+from gemmakit import cli_args as ca
+
 
 def _progress(total: int) -> Any:
     start = time.perf_counter()
@@ -94,7 +96,7 @@ def add_parsers(sub: Any) -> None:
                    help="override a recipe value, e.g. --set optim.lr=1e-3 (repeatable)")  # fmt: skip
     p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
-    p.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice)")
+    p.add_argument("--threads", type=ca.threads, help="CPU threads per process (default: torch's choice)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("shards", help="tokenize text / JSONL files into training shards",
@@ -115,5 +117,5 @@ def _add_nano(sub: Any) -> None:
                                    "SFT on generated chat data, evaluation; writes OUT/model.")  # fmt: skip
     p.add_argument("--out", required=True, help="build directory")
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=ca.threads, help="CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_nano)

@@ -278,26 +278,62 @@ _HF_MODEL_TYPES = {"gemma": "gemma1", "gemma2": "gemma2", "gemma3_text": "gemma3
 _HF_LAYER_TYPES = {"full_attention": GLOBAL, "sliding_attention": LOCAL}
 
 
+_MISSING = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+          list: "a list"}  # fmt: skip
+# Sizes are bounded so no single field can describe a tensor past int32 indexing (2**31 - 1); the
+# context length is bounded by what the KV cache can hold (checked against memory when allocated).
+_SIZE_MAX = 2**31 - 1
+
+
+def _field(d: dict[str, Any], key: str, kind: type, default: Any = _MISSING, *, nullable: bool = False,
+           positive: bool = False) -> Any:  # fmt: skip
+    """`d[key]` checked to be of JSON type `kind` (bool is not an int, an int is a float); a missing
+    key (or null, where `nullable`) gives `default`; a missing required key, a wrong type, a
+    non-finite or (with `positive`) non-positive number is a ConfigError naming the field."""
+    value = d.get(key, _MISSING)
+    if value is _MISSING or (value is None and nullable):
+        if default is _MISSING:
+            raise ConfigError(f"config.json is missing required key {key!r}")
+        return default
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_KINDS[kind]}, got {value!r}")
+    if kind in (int, float):
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise ConfigError(
+                f"{key}: expected a {'positive ' if positive else ''}finite number, got {value!r}"
+            )
+        if kind is int and positive and value > _SIZE_MAX:
+            raise ConfigError(f"{key}: expected at most {_SIZE_MAX}, got {value!r}")
+    return value
+
+
 def _hf_rope(hf: dict[str, Any], generation: str) -> tuple[float, float, float]:
     """(global theta, local theta, global linear factor) from new `rope_parameters` or legacy keys."""
-    params = hf.get("rope_parameters")
+    params = _field(hf, "rope_parameters", dict, None, nullable=True)
     if generation != "gemma3":
-        theta = float((params or {}).get("rope_theta", hf.get("rope_theta", 10_000.0)))
-        return theta, theta, 1.0
-    if isinstance(params, dict) and "full_attention" in params:
-        full, slide = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-        scaling = full if full.get("rope_type", "default") != "default" else None
-        g, lt = full.get("rope_theta", 1e6), slide.get("rope_theta", 1e4)
+        legacy = _field(hf, "rope_theta", float, 10_000.0, positive=True)
+        return (theta := _field(params or {}, "rope_theta", float, legacy, positive=True)), theta, 1.0
+    if params is not None and "full_attention" in params:
+        full = _field(params, "full_attention", dict, {}, nullable=True)
+        slide = _field(params, "sliding_attention", dict, {}, nullable=True)
+        scaling = full if _field(full, "rope_type", str, "default") != "default" else None
+        g = _field(full, "rope_theta", float, 1e6, positive=True)
+        lt = _field(slide, "rope_theta", float, 1e4, positive=True)
     else:  # legacy Hub keys: rope_theta (global), rope_local_base_freq, rope_scaling (global only)
-        scaling = hf.get("rope_scaling")
-        g, lt = hf.get("rope_theta", 1e6), hf.get("rope_local_base_freq", 1e4)
+        scaling = _field(hf, "rope_scaling", dict, None, nullable=True)
+        g = _field(hf, "rope_theta", float, 1e6, positive=True)
+        lt = _field(hf, "rope_local_base_freq", float, 1e4, positive=True)
     factor = 1.0
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "linear":
             raise ConfigError(f"rope_scaling: only 'linear' RoPE scaling is used by Gemma, got {kind!r}")
-        factor = float(scaling["factor"])
-    return float(g), float(lt), factor
+        factor = _field(scaling, "factor", float, positive=True)
+    return g, lt, factor
 
 
 def from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
@@ -305,10 +341,11 @@ def from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
 
     Handles the multimodal Gemma 3 `text_config` nesting (vision is ignored, and the 64 extra
     image-token embedding rows beyond `image_token_index` are dropped), legacy Gemma 3 RoPE keys,
-    and Gemma 1's legacy `hidden_act: gelu`, which always means tanh-GELU for Gemma.
+    and Gemma 1's legacy `hidden_act: gelu`, which always means tanh-GELU for Gemma. Every field is
+    type-checked (`hidden_size: "32"`, `num_hidden_layers: 2.5` or `true` are errors, not coerced).
     """
     model_type = hf.get("model_type")
-    if model_type not in _HF_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in _HF_MODEL_TYPES:
         raise ConfigError(f"model_type: expected one of {sorted(_HF_MODEL_TYPES)}, got {model_type!r}")
     generation = _HF_MODEL_TYPES[model_type]
     top = hf
@@ -316,51 +353,57 @@ def from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
         if not isinstance(hf.get("text_config"), dict):
             raise ConfigError("text_config: a multimodal gemma3 config.json needs a 'text_config' object")
         hf = hf["text_config"]
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    act = _field(hf, "hidden_activation", str, None, nullable=True)
+    act = act or _field(hf, "hidden_act", str, None, nullable=True) or "gelu_pytorch_tanh"
     if act not in ("gelu", "gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"hidden_activation: Gemma uses tanh-GELU, got {act!r}")
-    try:
-        n_layers, dim, n_heads = (
-            int(hf["num_hidden_layers"]),
-            int(hf["hidden_size"]),
-            int(hf["num_attention_heads"]),
-        )
-        vocab = int(hf["vocab_size"])
-        hidden = int(hf["intermediate_size"])
-    except KeyError as e:
-        raise ConfigError(f"config.json is missing required key {e.args[0]!r}") from None
+    n_layers = _field(hf, "num_hidden_layers", int, positive=True)
+    dim = _field(hf, "hidden_size", int, positive=True)
+    n_heads = _field(hf, "num_attention_heads", int, positive=True)
+    vocab = _field(hf, "vocab_size", int, positive=True)
+    hidden = _field(hf, "intermediate_size", int, positive=True)
     image_token = top.get("image_token_index", top.get("image_token_id"))
     if model_type == "gemma3" and isinstance(image_token, int) and 0 < image_token < vocab:
         vocab = image_token  # rows >= image_token_index are image soft tokens, not text
-    head_dim = int(hf.get("head_dim") or dim // n_heads)
-    n_kv = int(hf.get("num_key_value_heads") or n_heads)
+    head_dim = _field(hf, "head_dim", int, None, nullable=True, positive=True) or max(dim // n_heads, 1)
+    n_kv = _field(hf, "num_key_value_heads", int, n_heads, nullable=True, positive=True)
     if generation == "gemma1":
         types, window = layer_pattern(n_layers, 1), None
-    elif hf.get("layer_types"):
+    elif layer_types := _field(hf, "layer_types", list, None, nullable=True):
         try:
-            types = tuple(_HF_LAYER_TYPES[t] for t in hf["layer_types"])
-        except KeyError as e:
-            raise ConfigError(f"layer_types: unknown layer type {e.args[0]!r}") from None
-        window = hf.get("sliding_window")
+            types = tuple(_HF_LAYER_TYPES[t] for t in layer_types)
+        except (KeyError, TypeError):
+            raise ConfigError(
+                f"layer_types: expected {sorted(_HF_LAYER_TYPES)} entries, got {layer_types!r}"
+            ) from None
+        window = _field(hf, "sliding_window", int, None, nullable=True, positive=True)
     else:
-        pattern = 2 if generation == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+        pattern = 2 if generation == "gemma2" else _field(hf, "sliding_window_pattern", int, 6, positive=True)
         types = layer_pattern(n_layers, pattern)
-        window = hf.get("sliding_window", hf.get("sliding_window_size", 4096))
+        window = _field(hf, "sliding_window", int, None, nullable=True, positive=True)
+        window = window or _field(hf, "sliding_window_size", int, 4096, positive=True)
     g_theta, l_theta, factor = _hf_rope(hf, generation)
-    qpas = hf.get("query_pre_attn_scalar") if generation != "gemma1" else None
+    later = generation != "gemma1"  # soft-capping and the query scalar arrived with Gemma 2
+    qpas = _field(hf, "query_pre_attn_scalar", float, None, nullable=True, positive=True) if later else None
+    attn_cap = (
+        _field(hf, "attn_logit_softcapping", float, None, nullable=True, positive=True) if later else None
+    )
+    final_cap = (
+        _field(hf, "final_logit_softcapping", float, None, nullable=True, positive=True) if later else None
+    )
+    tie = _field(hf, "tie_word_embeddings", bool, _field(top, "tie_word_embeddings", bool, True))
     # fmt: off
     return ModelConfig(
         generation=generation, vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=head_dim, hidden_dim=hidden,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), sandwich_norm=generation != "gemma1",
+        norm_eps=_field(hf, "rms_norm_eps", float, 1e-6, positive=True), sandwich_norm=later,
         qk_norm=generation == "gemma3", layer_types=types,
-        sliding_window=int(window) if (window and LOCAL in types) else None,
-        attn_softcap=hf.get("attn_logit_softcapping") if generation != "gemma1" else None,
-        final_softcap=hf.get("final_logit_softcapping") if generation != "gemma1" else None,
+        sliding_window=window if LOCAL in types else None,
+        attn_softcap=attn_cap, final_softcap=final_cap,
         query_pre_attn_scalar=float(qpas if qpas is not None else head_dim),
         rope_theta=g_theta, rope_local_theta=l_theta, rope_scaling=factor,
-        max_seq_len=int(hf.get("max_position_embeddings", 8192)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", top.get("tie_word_embeddings", True))),
+        max_seq_len=_field(hf, "max_position_embeddings", int, 8192, positive=True),
+        tie_embeddings=tie,
     )
     # fmt: on
 

@@ -7,11 +7,15 @@ non-power-of-two query_pre_attn_scalar (24) and GQA / MQA, as reference §6 advi
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from spm_helpers import train_gemma_spm
 
-from gemmakit.checkpoint import hf_state_dict_to_internal
-from gemmakit.config import from_hf_dict
+from gemmakit.checkpoint import hf_state_dict_to_internal, save_hf
+from gemmakit.config import PRESETS, from_hf_dict
 from gemmakit.model import Gemma
 
 VOCAB = 320
@@ -101,3 +105,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Gemma 3 saved by gemmakit as an HF directory, with a trained tokenizer.model."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = PRESETS["tiny"].replace(vocab_size=640)
+    model = Gemma(cfg).init_weights(std=0.3, seed=0)
+    out = save_hf(model, root / "model")
+    shutil.copy(train_gemma_spm(root / "tok", "gemma3"), out / "tokenizer.model")
+    return out

@@ -11,28 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-from spm_helpers import train_gemma_spm
 
 from gemmakit.chat import render, stop_tokens
-from gemmakit.checkpoint import save_hf
 from gemmakit.config import PRESETS
 from gemmakit.infer import Engine
 from gemmakit.model import Gemma
 from gemmakit.tokenizer import Tokenizer
 
 EXE = str(Path(sys.executable).with_name("gemmakit"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    cfg = PRESETS["tiny"].replace(vocab_size=640)
-    model = Gemma(cfg).init_weights(std=0.3, seed=0)
-    out = save_hf(model, root / "model")
-    shutil.copy(train_gemma_spm(root / "tok", "gemma3"), out / "tokenizer.model")
-    return out
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -155,7 +142,7 @@ def test_user_errors_are_one_line(model_dir: Path, tmp_path: Path) -> None:
     assert_user_error(
         run("generate", "--model", str(model_dir), "--prompt", "x", "--dtype", "int3"), "--dtype"
     )
-    assert_user_error(run("generate", "--model", str(model_dir), "--prompt", "x", "--top-p", "2"), "top_p")
+    assert_user_error(run("generate", "--model", str(model_dir), "--prompt", "x", "--top-p", "2"), "--top-p")
     notok = tmp_path / "notok"
     shutil.copytree(model_dir, notok)
     (notok / "tokenizer.model").write_bytes(b"garbage")

@@ -15,6 +15,7 @@ RANK = {
     "errors": -1,  # below everything: config and artifact (rank 0) raise its errors
     "config": 0,
     "artifact": 0,
+    "memory": 0,
     "tokenizer": 1,
     "model": 1,
     "chat": 2,
@@ -32,6 +33,7 @@ RANK = {
     "cli_train": 8,
     "cli_data": 8,
     "cli_eval": 8,
+    "cli_args": 7.5,  # the CLI value converters, under every cli_* module
     "__init__": 10,
 }
 CORE_FORBIDDEN = {"transformers", "fastapi", "ray", "jinja2", "uvicorn", "gguf"}

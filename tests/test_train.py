@@ -193,7 +193,8 @@ def test_non_finite_halts_before_the_optimizer_step(tmp_path: Path, fault: str) 
     with pytest.raises(NonFiniteError) as err:
         fit(module, batches, recipe, tmp_path / "run", hooks=Hooks(on_micro=inject))
     msg = str(err.value)
-    assert "step 5" in msg and "not finite" in msg and "step-000004" in msg, msg
+    # on_micro gets the 0-based step index 5; the message uses the metrics log's number, 6
+    assert "step 6" in msg and "not finite" in msg and "step-000004" in msg, msg
     steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert steps == ["step-000002", "step-000004"]  # nothing written at or after the bad step
     after = model.state_dict()

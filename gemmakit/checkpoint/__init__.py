@@ -42,6 +42,7 @@ from gemmakit.checkpoint.save import (
     save_gemma_pytorch,
     save_hf,
     write_safetensors,
+    write_torch,
 )
 
 __all__ = [
@@ -66,4 +67,5 @@ __all__ = [
     "save_gemma_pytorch",
     "save_hf",
     "write_safetensors",
+    "write_torch",
 ]

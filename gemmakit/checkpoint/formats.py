@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,9 @@ class _Store:
 def _torch_load(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     """A state dict from a zip or legacy pickle, through the weights-only unpickler only."""
     try:  # mmap needs the zip layout; legacy pickles are read into memory
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch_zip")
+        with warnings.catch_warnings():  # torch warns about protocol-4 pickles: noise beside our one line
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch_zip")
     except Exception as e:  # the unpickler raises many types; all mean "not a weights file we accept"
         lines = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln]
         why = lines[0] if lines else (str(e).splitlines() or [type(e).__name__])[0]

@@ -43,7 +43,7 @@ from gemmakit.checkpoint.names import (
     file_names,
     file_shapes,
 )
-from gemmakit.config import LOCAL, PRESETS, ConfigError, ModelConfig, from_hf_dict
+from gemmakit.config import LOCAL, PRESETS, ConfigError, ModelConfig, from_hf_dict, to_hf_dict
 from gemmakit.model import ATTN_IMPLS, Gemma, param_count
 
 log = logging.getLogger(__package__)  # "gemmakit.checkpoint", the logger name before the split
@@ -151,19 +151,30 @@ def _config_for(src: _Source, infos: dict[str, _Info], layout: str, config: Mode
     """(config, where it came from): the argument, else manifest.json, else config.json, else a preset."""
     if config is not None:
         return config, "config argument"
+    hf_cfg = None
+    if src.config_json is not None:  # read and checked even beside a manifest: users edit this file
+        try:
+            hf_cfg = from_hf_dict(_read_json(src.config_json))
+        except ConfigError as e:
+            raise _err(src.config_json, str(e)) from None
     if src.manifest is not None:
         d = _read_json(src.manifest).get("config")
         try:
             if not isinstance(d, dict):
                 raise ConfigError("expected a 'config' object")
-            return ModelConfig.from_dict(d), MANIFEST
+            cfg = ModelConfig.from_dict(d)
         except (ConfigError, TypeError) as e:
             raise _err(src.manifest, f"config: {e}") from None
-    if src.config_json is not None:
-        try:
-            return from_hf_dict(_read_json(src.config_json)), "config.json"
-        except ConfigError as e:
-            raise _err(src.config_json, str(e)) from None
+        # compared as config.json fields: the fields a config.json cannot carry are not a disagreement
+        ours, theirs = to_hf_dict(cfg), to_hf_dict(hf_cfg) if hf_cfg is not None else None
+        if theirs is not None and ours != theirs:
+            diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            raise _err(
+                src.config_json, f"disagrees with {MANIFEST} on {diff}; edit both or remove {MANIFEST}"
+            )
+        return cfg, MANIFEST
+    if hf_cfg is not None:
+        return hf_cfg, "config.json"
     return _infer_config(infos, layout, src.where)
 
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gemmakit.artifact import ArtifactError, atomic_dir, write_json
+from gemmakit.artifact import MANIFEST, ArtifactError, atomic_dir, write_json
 from gemmakit.checkpoint.formats import _ST_NAMES, _USABLE, CheckpointError, _err
 from gemmakit.checkpoint.load import load_model
 from gemmakit.checkpoint.names import _GP_QKV, FORMATS, file_names, internal_name_to_hf
@@ -41,9 +42,34 @@ def _write_file(path: Path, data: bytes | None = None, tensors: dict[str, torch.
         for t in (tensors or {}).values():
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as the spec
         if pickle_obj is not None:
-            torch.save(pickle_obj, f)
+            sink = _WriteRecorder(f)
+            try:
+                torch.save(pickle_obj, sink)
+            except RuntimeError:
+                # torch's zip writer turns a failed write (disk full...) into an opaque RuntimeError;
+                # raise the OSError it swallowed, which says what the user can fix
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
         f.flush()
         os.fsync(f.fileno())
+
+
+class _WriteRecorder:
+    """A write-only file wrapper that keeps the OSError of a failed write (see `_write_file`)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -60,6 +86,11 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes it
     _write_file(path, struct.pack("<Q", len(raw)) + raw, tensors=tensors)
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """A torch.save payload, fsynced; a failed write (disk full, ...) raises its own OSError."""
+    _write_file(path, pickle_obj=obj)
 
 
 @contextlib.contextmanager
@@ -91,11 +122,13 @@ def _out_dtype(model: Gemma, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def save_hf(model: Gemma, out_dir: str | Path, dtype: torch.dtype | None = None,
-            max_shard_bytes: int | None = None, *, overwrite: bool = False) -> Path:  # fmt: skip
+            max_shard_bytes: int | None = None, *, overwrite: bool = False,
+            copy_files: Sequence[Path] = ()) -> Path:  # fmt: skip
     """Write config.json + model.safetensors (or HF-named shards + index) + manifest.json, atomically.
 
     Sharding follows transformers: with one shard there is no index file. Tensors go to disk one
-    at a time, so writing costs one tensor of extra memory, not a copy of the model.
+    at a time, so writing costs one tensor of extra memory, not a copy of the model. `copy_files`
+    (say the source's tokenizer.model) are copied in under their own names, inside the same commit.
     """
     cfg, dtype = model.config, _out_dtype(model, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -123,12 +156,21 @@ def save_hf(model: Gemma, out_dir: str | Path, dtype: torch.dtype | None = None,
             }
             write_json(tmp / "model.safetensors.index.json", index)
         write_json(tmp / "config.json", hf)
+        _copy_into(tmp, copy_files)
     return Path(out_dir)
 
 
+def _copy_into(tmp: Path, files: Sequence[Path]) -> None:
+    """Copy `files` into staged directory `tmp`; a name the writer already wrote keeps its new content."""
+    for f in files:
+        if not (tmp / f.name).exists():
+            shutil.copyfile(f, tmp / f.name)
+
+
 def save_gemma_pytorch(model: Gemma, path: str | Path, dtype: torch.dtype | None = None,
-                       *, overwrite: bool = False) -> Path:  # fmt: skip
-    """Write directory `path` holding model.ckpt ({"model_state_dict": ...}, qkv fused) + manifest.json.
+                       *, overwrite: bool = False, copy_files: Sequence[Path] = ()) -> Path:  # fmt: skip
+    """Write directory `path` holding model.ckpt ({"model_state_dict": ...}, qkv fused) + manifest.json
+    (+ `copy_files`, as `save_hf`).
 
     gemma_pytorch's own `load_weights` reads the ckpt unchanged; its RoPE buffers are not stored
     (it loads with strict=False and recomputes them).
@@ -147,16 +189,48 @@ def save_gemma_pytorch(model: Gemma, path: str | Path, dtype: torch.dtype | None
     with checkpoint_dir(path, overwrite=overwrite, producer="gemmakit.checkpoint.save_gemma_pytorch",
                         fmt="gemma_pytorch", config=cfg, dtype=dtype) as tmp:  # fmt: skip
         _write_file(tmp / "model.ckpt", pickle_obj={"model_state_dict": out})
+        _copy_into(tmp, copy_files)
     return Path(path)
+
+
+# What convert rewrites or replaces, so never copies from the source: weights, their indexes, the
+# config (hf writes its own; gemma_pytorch keeps it in the manifest) and the manifest itself.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".index.json")
+_REWRITTEN = {"config.json", MANIFEST}
+
+
+def source_extras(src: str | Path) -> list[Path]:
+    """The files a converted checkpoint carries over from source `src`: every regular top-level file of a
+    source directory that is not a weight file, an index, config.json, manifest.json or hidden (a
+    writer's temp file); for a single weights file only the tokenizer.model beside it (its directory
+    may hold anything)."""
+    src = Path(src)
+    if not src.is_dir():
+        tok = src.parent / "tokenizer.model"
+        return [tok] if tok.is_file() else []
+    return [
+        f
+        for f in sorted(src.iterdir())
+        if f.is_file()
+        and not f.name.startswith(".")
+        and f.name not in _REWRITTEN
+        and not f.name.endswith(_WEIGHT_SUFFIXES)
+    ]
 
 
 def convert_checkpoint(src: str | Path, out: str | Path, to: str, *, dtype: torch.dtype | None = None,
                        config: ModelConfig | None = None, max_shard_bytes: int | None = None,
                        overwrite: bool = False) -> Path:  # fmt: skip
-    """Load any supported checkpoint and write it as `to` ("hf" or "gemma_pytorch") into directory `out`."""
+    """Load any supported checkpoint and write it as `to` ("hf" or "gemma_pytorch") into directory `out`.
+
+    The tokenizer and the source's other non-weight files (`source_extras`) are copied along, so
+    converting in place (`out` = `src`, overwrite) keeps them; the replaced weights are not copied.
+    """
     if to not in FORMATS:
         raise CheckpointError(f"to: expected one of {FORMATS}, got {to!r}")
     model = load_model(src, config=config)
+    extras = source_extras(src)  # listed now: the commit of an in-place convert swaps src away
     if to == "hf":
-        return save_hf(model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-    return save_gemma_pytorch(model, out, dtype=dtype, overwrite=overwrite)
+        return save_hf(model, out, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                       copy_files=extras)  # fmt: skip
+    return save_gemma_pytorch(model, out, dtype=dtype, overwrite=overwrite, copy_files=extras)

@@ -30,7 +30,8 @@ produce identical bytes because the unit function is the same and nothing depend
 
 Key trade-off: a shard that fails (a corrupt gzip file) gets no marker and the run stops before the next
 global step with a non-zero exit, naming it; the other shards' finished work is kept and reused by the
-rerun. A global stage means no shard can finish until every shard has reached it.
+rerun (an output directory this run created in which no unit finished is removed: nothing to reuse).
+A global stage means no shard can finish until every shard has reached it.
 """
 
 from __future__ import annotations
@@ -273,7 +274,11 @@ def _clean_stale(out: Path) -> None:
 def _locked(out: Path) -> Iterator[None]:
     """One run per output directory at a time (an advisory lock on out/.lock, released by the kernel
     if the process dies)."""
-    with open(out / ".lock", "a") as f:
+    try:
+        f = open(out / ".lock", "a")  # noqa: SIM115 (closed by the with below)
+    except OSError as e:  # a read-only or foreign output directory
+        raise PipelineError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -287,12 +292,27 @@ def run(recipe: DataRecipe, out: str | Path, *, executor: str = "local", workers
     if executor not in EXECUTORS:
         raise PipelineError(f"--executor: expected one of {EXECUTORS}, got {executor!r}")
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise PipelineError(
+            f"--output {out}: exists and is not a directory; name a new or existing directory"
+        )
     units, inputs = plan(recipe)
-    out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        _check_plan(out, recipe, inputs)
-        _clean_stale(out)
-        return _run_steps(recipe, out, units, executor, workers, ray_address)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only filesystem, no permission, a parent that is a file
+        raise PipelineError(f"--output {out}: cannot create the directory ({e.strerror or e})") from None
+    try:
+        with _locked(out):
+            _check_plan(out, recipe, inputs)
+            _clean_stale(out)
+            return _run_steps(recipe, out, units, executor, workers, ray_address)
+    except BaseException:
+        # A directory this call made and in which no unit finished holds nothing a rerun could reuse;
+        # leaving it would only look like a (broken) output. With any marker it stays, for the resume.
+        if created and not any(p.is_file() for p in (out / "done").rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _run_steps(recipe: DataRecipe, out: Path, units: list[list[Unit]], executor: str, workers: int | None,

@@ -32,6 +32,11 @@ from gemmakit.errors import UserError
 
 FORMATS = ("text", "chat")
 GLOBAL_STAGES = ("dedup",)  # stages that need every shard's output before any shard can go on
+# Each shard is a task with its own files (markers, survivors, signatures, token parts) and every plain
+# JSONL input is cut into one byte range per shard, so planning and the output tree grow with the count;
+# past this a recipe is a typo (a hang in planning, millions of files), not a bigger corpus.
+MAX_SHARDS = 100_000
+MAX_WORKERS = 1024  # the same bound as --workers
 
 
 class DataRecipeError(UserError):
@@ -51,6 +56,12 @@ class PipelineSection:
     def __post_init__(self) -> None:
         if self.shards < 1 or self.workers < 1:
             raise DataRecipeError(f"[pipeline]: shards and workers must be >= 1, got {self}")
+        if self.shards > MAX_SHARDS:
+            raise DataRecipeError(f"[pipeline].shards: at most {MAX_SHARDS}, got {self.shards} (each shard "
+                                  "is a task with its own files and its own byte range of every input)")  # fmt: skip
+        if self.workers > MAX_WORKERS:
+            raise DataRecipeError(f"[pipeline].workers: at most {MAX_WORKERS}, got {self.workers} "
+                                  "(one local process each)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -223,9 +234,13 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", root: Path |
     if unknown:
         raise DataRecipeError(f"{source}: unknown section(s) {unknown}; valid: pipeline, source, stage, "
                               "output, mixture")  # fmt: skip
-    pipeline = dataclass_from_table(
-        PipelineSection, raw.get("pipeline", {}), source, "pipeline", DataRecipeError
-    )
+    try:
+        pipeline = dataclass_from_table(
+            PipelineSection, raw.get("pipeline", {}), source, "pipeline", DataRecipeError
+        )
+    except DataRecipeError as e:  # __post_init__'s range checks do not know the file; name it here
+        msg = str(e)
+        raise DataRecipeError(msg if msg.startswith(source) else f"{source}: {msg}") from None
     sources = _sources(raw.get("source"), source)
     output = dataclass_from_table(OutputSection, raw.get("output", {}), source, "output", DataRecipeError)
     return DataRecipe(pipeline=pipeline, sources=sources, stages=_stages(raw.get("stage"), source),
@@ -236,4 +251,12 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", root: Path |
 def load_recipe(path: str | Path) -> DataRecipe:
     """Read and validate a data recipe; DataRecipeError names the file and key."""
     path = Path(path)
-    return recipe_from_dict(read_toml(path, DataRecipeError), str(path), path.resolve().parent)
+    if path.is_dir():  # checked first: reading a directory raises IsADirectoryError, a traceback
+        raise DataRecipeError(
+            f"{path}: is a directory; expected a data recipe TOML file (recipes/data_*.toml)"
+        )
+    try:
+        raw = read_toml(path, DataRecipeError)
+    except OSError as e:  # unreadable (permissions, I/O): read_toml reports only a missing file itself
+        raise DataRecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    return recipe_from_dict(raw, str(path), path.resolve().parent)

@@ -416,7 +416,7 @@ def _is_jsonl(path: Path) -> bool:
             if line.strip():
                 try:
                     return isinstance(json.loads(line), dict)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):  # too deep to be a document's record
                     return False
     return False
 
@@ -438,6 +438,8 @@ def _jsonl_texts(path: Path, text_field: str, digest: Any) -> Iterator[tuple[str
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _err(where, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:  # e.g. 100k `[`: past the decoder's recursion limit, not a ValueError
+                raise _err(where, "JSON nested too deeply to decode") from None
             if not isinstance(obj, dict):
                 raise _err(where, f"expected a JSON object, got {type(obj).__name__}")
             if text_field not in obj:

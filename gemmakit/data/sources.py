@@ -12,7 +12,8 @@ exactly one bucket, so lines = docs + blank + sum(malformed):
   a newline is kept if it parses (`repaired["no_final_newline"]`);
 - blank: only whitespace; skipped and counted;
 - malformed, by category: invalid_utf8, invalid_json (a torn last line lands here), not_object,
-  missing_text, text_not_string, line_too_long. Each is written to the quarantine sidecar with its
+  missing_text, text_not_string, line_too_long, json_too_deep (nesting past Python's recursion limit,
+  e.g. 100k `[`: json.loads raises RecursionError, not ValueError). Each is written to the quarantine sidecar with its
   file:line and the first 1000 bytes of the line.
 
 Key trade-off: lines longer than `max_line_bytes` (16 MiB by default) are quarantined without being
@@ -26,6 +27,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,8 +36,8 @@ from typing import IO, Any
 
 from gemmakit.errors import UserError
 
-MALFORMED = ("invalid_utf8", "invalid_json", "not_object", "missing_text", "text_not_string", "line_too_long",
-             "bad_messages")  # fmt: skip
+MALFORMED = ("invalid_utf8", "invalid_json", "json_too_deep", "not_object", "missing_text", "text_not_string",
+             "line_too_long", "bad_messages")  # fmt: skip
 MODEL_ROLES = ("model", "assistant")  # the speaker whose turns SFT trains on (Gemma says "model")
 _GZIP, _ZSTD, _PARQUET = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
 _BOM = b"\xef\xbb\xbf"
@@ -122,8 +124,56 @@ def _open_binary(path: Path, kind: str) -> IO[bytes]:
             raise SourceError(
                 f"{path}: zstd-compressed; install the data extra (pip install 'gemmakit[data]')"
             ) from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))  # noqa: SIM115
+        return io.BufferedReader(_ZstdFrames(path, zstandard))
     return open(path, "rb")  # noqa: SIM115 (closed by the caller's with)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A zstd file's decompressed bytes, frame after frame, that fails on a truncated last frame.
+
+    zstandard's stream_reader just returns EOF when the input ends inside a frame, so a file cut in
+    half would read as a shorter, valid corpus (rc 0, records silently lost); a decompressobj tells a
+    finished frame (`eof`) from one still waiting for input."""
+
+    def __init__(self, path: Path, zstandard: Any) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 (closed in close())
+        self._zstd, self._dobj, self._done = zstandard, None, False
+        self._buf, self._at = b"", 0  # decompressed bytes not yet read start at _at (no re-slicing)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._at == len(self._buf) and not self._done:
+            self._buf, self._at = b"", 0
+            self._fill()
+        n = min(len(b), len(self._buf) - self._at)
+        b[:n] = memoryview(self._buf)[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def _fill(self) -> None:
+        # 64 KiB of input at a time: decompressobj has no output cap, so this bounds each step's output
+        # to 64 KiB times the compression ratio.
+        data = self._file.read(1 << 16)
+        if not data:
+            if self._dobj is not None and not self._dobj.eof:
+                raise SourceError(f"{self._file.name}: truncated zstd data (the file ends inside a frame; "
+                                  "was it cut short by a failed copy or download?)")  # fmt: skip
+            self._done = True
+            return
+        parts = []
+        while data:
+            if self._dobj is None or self._dobj.eof:
+                self._dobj = self._zstd.ZstdDecompressor().decompressobj()
+            parts.append(self._dobj.decompress(data))
+            # The bytes after a finished frame start the next frame (a concatenated file).
+            data = self._dobj.unused_data if self._dobj.eof else b""
+        self._buf = b"".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[bytes, bool, bool, int]]:
@@ -202,7 +252,7 @@ def read_jsonl(path: str | Path, *, text_field: str = "text", id_field: str = "i
                     stats.malformed[category] += 1
                     if quarantine is not None:
                         quarantine.add(path, n, category, raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise SourceError(f"{path}: corrupt {kind} data after {stats.lines} lines ({e})") from None
     except Exception as e:  # zstandard raises its own ZstdError
         if type(e).__name__ == "ZstdError":
@@ -231,6 +281,8 @@ def _judge(raw: bytes, n: int, ended: bool, too_long: bool, path: Path, text_fie
         obj = json.loads(line)
     except ValueError:
         return None, "invalid_json"
+    except RecursionError:  # deeper nesting than the decoder can recurse; one bad line, not a bad file
+        return None, "json_too_deep"
     if not isinstance(obj, dict):
         return None, "not_object"
     if text_field not in obj:

@@ -24,6 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gemmakit.data.pii import luhn_ok
+from gemmakit.errors import UserError
+
+
+class SynthError(UserError):
+    """The demo corpus cannot be written where asked; names the path and the reason."""
 
 
 def _words(text: str) -> list[str]:
@@ -170,11 +175,17 @@ def write_demo_corpus(out: Path, n: int, seed: int = 0, files: int = 4) -> list[
     """A corpus to try the pipeline on: `files` JSONL files of `n` web-like documents under out/web/, and
     out/evals/quiz.jsonl, an evaluation set that about one document in a hundred quotes (so the
     decontamination stage has something to find). Returns the files written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out}: exists and is not a directory")
     rng = random.Random(seed)
-    (out / "web").mkdir(parents=True, exist_ok=True)
-    (out / "evals").mkdir(parents=True, exist_ok=True)
-    paths = [out / "web" / f"part-{i:03d}.jsonl" for i in range(files)]
-    handles = [open(p, "w", encoding="utf-8") for p in paths]  # noqa: SIM115 (closed below)
+    try:
+        (out / "web").mkdir(parents=True, exist_ok=True)
+        (out / "evals").mkdir(parents=True, exist_ok=True)
+        paths = [out / "web" / f"part-{i:03d}.jsonl" for i in range(files)]
+        handles = [open(p, "w", encoding="utf-8") for p in paths]  # noqa: SIM115 (closed below)
+    except OSError as e:  # read-only filesystem, no permission, a parent that is a file
+        raise SynthError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
         for i, d in enumerate(web_docs(n, seed)):
             if d["kind"] == "prose" and rng.random() < 0.01:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.artifact import atomic_open
+from gemmakit.errors import UserError
 from gemmakit.eval.published import published_for
 
 
@@ -89,11 +90,36 @@ def render_png(results: dict[str, Any]) -> bytes | None:
     return buf.getvalue()
 
 
+class ReportError(UserError):
+    """A results.json that cannot be re-rendered (missing, not JSON, or not an eval run's results)."""
+
+
+# the keys render_markdown reads; an eval run always writes them
+_RESULT_KEYS = ("lm", "protocol", "limit", "gemmakit_version", "tasks")
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """An eval run's results.json, checked to hold what the report renders."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no results.json here (expected an eval run's output directory)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot read as JSON ({e})") from None
+    if not isinstance(results, dict) or not all(k in results for k in _RESULT_KEYS):
+        raise ReportError(f"{path}: expected an eval run's results with keys {list(_RESULT_KEYS)}")
+    if not isinstance(results["tasks"], dict) or not all(
+        isinstance(e, dict) for e in results["tasks"].values()
+    ):
+        raise ReportError(f"{path}: 'tasks' must map task names to result objects")
+    return results
+
+
 def write_report(out: Path, results: dict[str, Any] | None = None) -> Path:
     """report.md (and report.png with matplotlib) in `out`, from `results` or out/results.json."""
     out = Path(out)
     if results is None:
-        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        results = read_results(out / "results.json")
     png = render_png(results)
     if png is not None:
         with atomic_open(out / "report.png", "wb") as f:

@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gemmakit.artifact import ArtifactError, discard, place_file
 from gemmakit.config import LOCAL, ModelConfig, layer_pattern
 from gemmakit.export_gguf.reader import GGUFError, GGUFFile, read_gguf
 from gemmakit.tokenizer import Tokenizer, layout_for_generation
@@ -272,12 +273,13 @@ def export_gguf(model: Gemma, tokenizer: Tokenizer, out: str | Path, qtype: str 
         _write(gguf, tmp, cfg, tokenizer, n_vocab, qtype, name or f"gemmakit {_ARCH[cfg.generation]}",
                plan, state)  # fmt: skip
         info = read_gguf(tmp)
-        os.replace(tmp, out)
-    except OSError as e:  # disk full, permissions: one line, not a traceback
-        raise GGUFError(f"{out}: cannot write ({e.strerror or e})") from None
+        place_file(tmp, out, overwrite=overwrite)  # exclusive without overwrite: a racing writer loses
+    except ArtifactError as e:
+        raise GGUFError(str(e)) from None
+    except OSError as e:  # disk full, permissions, read-only: one line, not a traceback
+        raise GGUFError(f"{out}: cannot write ({(e.strerror or str(e)).lower()})") from None
     finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(out.parent)
+        discard(tmp)  # never raises: on a read-only filesystem unlinking even a missing file fails
     info.path = str(out)
     log.info("wrote %s: %d tensors, %s, %d bytes", out, len(info.tensors), qtype, out.stat().st_size)
     return info
@@ -322,14 +324,3 @@ def _write(gguf: Any, tmp: Path, cfg: ModelConfig, tokenizer: Tokenizer, n_vocab
         os.fsync(w.fout[0].fileno())
     finally:
         w.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

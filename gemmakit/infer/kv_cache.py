@@ -27,6 +27,7 @@ import torch
 
 from gemmakit.config import LOCAL, ModelConfig
 from gemmakit.errors import UserError
+from gemmakit.memory import check_fits
 
 
 class CacheError(UserError):
@@ -62,6 +63,9 @@ class KVCache:
         for name, value in (("batch_size", batch_size), ("max_len", max_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CacheError(f"KVCache {name}: expected a positive integer, got {value!r}")
+        if str(device or "cpu") != "meta":  # a cache larger than memory would be OOM-killed mid-zeroing
+            need = kv_cache_bytes(config, batch_size, max_len, dtype)
+            check_fits(f"a KV cache of {batch_size} x {max_len} tokens", need, str(device or "cpu"))
         self.config, self.batch_size, self.max_len, self.dtype = config, batch_size, max_len, dtype
         local = [t == LOCAL for t in config.layer_types]
         # layer -> index into the global stack or the local stack

@@ -25,18 +25,20 @@ resume, never per save beyond the hashing of what was just written.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gemmakit import artifact
-from gemmakit.artifact import MANIFEST, fsync_path
+from gemmakit.artifact import MANIFEST
+from gemmakit.checkpoint import write_safetensors
+from gemmakit.checkpoint import write_torch as write_torch  # the writer of rank-*.pt and optimizer.pt
 from gemmakit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,24 +63,32 @@ class Found:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    fsync_path(path)
-
-
-def write_torch(path: Path, obj: Any) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """A safetensors file through the checkpoint writer, whose failed writes stay OSErrors (the
+    safetensors library reports a full disk as an opaque SafetensorError)."""
+    write_safetensors(path, {k: v.detach().cpu() for k, v in tensors.items()})
 
 
 def read_torch(path: Path) -> Any:
-    """A torch.save payload read with weights_only=True: tensors and plain containers, never code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A torch.save payload read with weights_only=True: tensors and plain containers, never code.
+
+    A file the restricted unpickler refuses (a pickle that would run code, or one that is not a torch
+    file at all) is a CheckpointError naming the file: its manifest hash may match (it was rehashed,
+    or written by a hostile party), so the hash check alone cannot catch it, and torch's own
+    UnpicklingError is a multi-line traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...: all mean unusable
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True) "
+                              f"({type(e).__name__}: {reason})") from None  # fmt: skip
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """A safetensors file's tensors; a file safetensors cannot parse is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorsError, OSError: the file is unusable either way
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -145,16 +155,26 @@ def verify(path: Path) -> dict:
     return manifest
 
 
-def latest(run_dir: str | Path) -> Found | None:
-    """The newest checkpoint whose files all verify; corrupt newer ones are skipped with a warning."""
+def candidates(run_dir: str | Path) -> Iterator[Found]:
+    """Checkpoints whose files all verify, newest first (lazily: each is hashed only when reached);
+    corrupt ones are skipped with a warning. Resume takes the first whose contents also restore."""
     for step, path in _complete(checkpoints_dir(run_dir)):
         try:
             manifest = verify(path)
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
             continue
-        return Found(path, step, manifest)
-    return None
+        yield Found(path, step, manifest)
+
+
+def latest(run_dir: str | Path) -> Found | None:
+    """The newest checkpoint whose files all verify; corrupt newer ones are skipped with a warning."""
+    return next(candidates(run_dir), None)
+
+
+def any_complete(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds any checkpoint with a manifest, usable or not."""
+    return bool(_complete(checkpoints_dir(run_dir)))
 
 
 def fingerprint_diff(saved: dict, current: dict) -> list[str]:

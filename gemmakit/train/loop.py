@@ -142,10 +142,13 @@ def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager
 
 def _step(module: nn.Module, opt: torch.optim.Optimizer, micro: list[dict], recipe: Recipe, step: int,
           device: torch.device, hooks: Hooks) -> tuple[float, float, int]:  # fmt: skip
-    """One optimizer step (or a NonFiniteError before it); returns (loss, grad norm, target tokens)."""
+    """One optimizer step (or a NonFiniteError before it); returns (loss, grad norm, target tokens).
+
+    `step` is the 0-based index of the step (what `on_micro` receives); messages name `step + 1`, the
+    number metrics.jsonl and the progress line give the same step, so a halt and the log agree."""
     n = int(dist.all_reduce_sum(torch.tensor(float(sum(count_targets(b) for b in micro)))).item())
     if n == 0:
-        raise TrainError(f"step {step}: the batch has no target tokens (every loss_mask is 0)")
+        raise TrainError(f"step {step + 1}: the batch has no target tokens (every loss_mask is 0)")
     scale = dist.world_size() / n
     total = torch.zeros((), dtype=torch.float64)
     for i, batch in enumerate(micro):
@@ -164,7 +167,7 @@ def _step(module: nn.Module, opt: torch.optim.Optimizer, micro: list[dict], reci
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if not (math.isfinite(loss) and math.isfinite(norm)):
         opt.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"step {step}: loss {loss} / gradient norm {norm}")
+        raise NonFiniteError(f"step {step + 1}: loss {loss} / gradient norm {norm}")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, norm, n
@@ -195,13 +198,15 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
     opt = make_optimizer(module, recipe.optim)
     metrics = Metrics(run_dir / "metrics.jsonl", enabled=dist.rank() == 0)
     start, last_ckpt = 0, None
-    found = ckpt.latest(run_dir)
-    if found is not None and not resume:
-        raise TrainError(f"{run_dir} already holds checkpoints (newest: {found.path.name}); pass --resume to "
-                         "continue that run, or choose a new run directory")  # fmt: skip
-    if found is not None:
-        start, last_ckpt = _restore(found, module, opt, train, hooks)
-        log.info("resumed from %s (step %d)", found.path, start)
+    if not resume:
+        found = ckpt.latest(run_dir)
+        if found is not None:
+            raise TrainError(f"{run_dir} already holds checkpoints (newest: {found.path.name}); pass --resume "
+                             "to continue that run, or choose a new run directory")  # fmt: skip
+    restored = _resume(run_dir, module, opt, train, hooks) if resume else None
+    if restored is not None:
+        start, last_ckpt = restored
+        log.info("resumed from %s (step %d)", last_ckpt, start)
     else:  # per-rank streams (dropout); the model was initialised identically on every rank before
         seed_everything(cfg.seed + dist.rank())
     metrics.truncate_after(start)
@@ -289,25 +294,164 @@ def save(run_dir: Path, step: int, module: nn.Module, opt: torch.optim.Optimizer
     return Path(dist.broadcast_object(str(final) if final else None))
 
 
+def _resume(run_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, train: Batches,
+            hooks: Hooks) -> tuple[int, Path] | None:  # fmt: skip
+    """Restore the newest checkpoint whose every piece validates; None when the run has none at all.
+
+    A checkpoint that verifies (its hashes match) but whose contents are unusable (a refused pickle,
+    a missing tensor, an empty optimizer state: a rehashed or hostile file) is skipped for the next
+    older one, with a warning once one restores; when none restores, the newest one's error is raised
+    as one line (exit 2), never a fresh start that would overwrite the run. Every rank must agree on
+    the checkpoint, so a failure on any rank skips it on all.
+    """
+    errors: list[ckpt.CheckpointError] = []
+    for found in ckpt.candidates(run_dir):
+        try:
+            restored = _restore(found, module, opt, train, hooks)
+            failed = 0.0
+        except ckpt.CheckpointError as e:
+            errors.append(e)
+            failed = 1.0
+        if dist.all_reduce_sum(torch.tensor(failed)).item() == 0:
+            for e in errors:  # told only now, so a run that cannot resume prints just its one error line
+                log.warning("skipping checkpoint: %s", e)
+            return restored
+        if not failed:
+            errors.append(ckpt.CheckpointError(f"{found.path}: unusable on another rank"))
+    if errors:
+        more = f" (and {len(errors) - 1} older checkpoint(s) unusable)" if len(errors) > 1 else ""
+        raise ckpt.CheckpointError(f"{errors[0]}{more}; no usable checkpoint to resume from")
+    if ckpt.any_complete(run_dir):  # checkpoints exist but none verifies: starting over would discard them
+        raise ckpt.CheckpointError(f"{ckpt.checkpoints_dir(run_dir)}: no checkpoint passes its checksum "
+                                   "check; nothing to resume from")  # fmt: skip
+    return None
+
+
+def _missing(what: Path, keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return f"{what}: missing key {keys[0]!r}{more}"
+
+
+def _check_tensors(path: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Exactly the model's trainable tensors, each of its shape (a missing one would keep its init)."""
+    if missing := set(want) - set(got):
+        raise ckpt.CheckpointError(_missing(path, missing))
+    if extra := sorted(set(got) - set(want)):
+        raise ckpt.CheckpointError(f"{path}: unexpected key {extra[0]!r} (not a trainable parameter of this "
+                                   "model)")  # fmt: skip
+    for k, v in want.items():
+        if tuple(got[k].shape) != tuple(v.shape):
+            raise ckpt.CheckpointError(f"{path}: key {k!r} has shape {list(got[k].shape)}, the model's is "
+                                       f"{list(v.shape)}")  # fmt: skip
+
+
+# Per-parameter AdamW state: what `optimizer.step()` leaves for every parameter it updated.
+_ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _check_optimizer(path: Path, saved: Any, current: dict, shapes: dict[str, torch.Tensor]) -> None:
+    """`saved` has the current optimizer's param groups (same parameters, same order) and full AdamW
+    state for each parameter, moments shaped like it: load_state_dict alone would accept `{}` or a
+    state with parameters missing, silently restarting their moments from zero."""
+    if not isinstance(saved, dict):
+        raise ckpt.CheckpointError(f"{path}: expected a state dict, got {type(saved).__name__}")
+    if missing := {"state", "param_groups"} - set(saved):
+        raise ckpt.CheckpointError(_missing(path, missing))
+    state, groups = saved["state"], saved["param_groups"]
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        raise ckpt.CheckpointError(f"{path}: 'state' must be a dict and 'param_groups' a list")
+    want_groups = [list(g["params"]) for g in current["param_groups"]]
+    got_groups = [list(g.get("params", [])) if isinstance(g, dict) else None for g in groups]
+    if got_groups != want_groups:
+        raise ckpt.CheckpointError(f"{path}: 'param_groups' has {len(groups)} group(s) that do not list this "
+                                   f"model's trainable parameters ({[len(g) for g in want_groups]} expected)")  # fmt: skip
+    for name in (n for g in want_groups for n in g):
+        entry = state.get(name)
+        if not isinstance(entry, dict):
+            raise ckpt.CheckpointError(_missing(path, [f"state.{name}"]))
+        if missing := [k for k in _ADAM_KEYS if not isinstance(entry.get(k), torch.Tensor)]:
+            raise ckpt.CheckpointError(_missing(path, [f"state.{name}.{k}" for k in missing]))
+        shape = tuple(shapes[name].shape) if name in shapes else None
+        for k in ("exp_avg", "exp_avg_sq"):
+            if shape is not None and tuple(entry[k].shape) != shape:
+                raise ckpt.CheckpointError(f"{path}: key 'state.{name}.{k}' has shape {list(entry[k].shape)}, "
+                                           f"the parameter's is {list(shape)}")  # fmt: skip
+    if extra := sorted(set(state) - {n for g in want_groups for n in g}):
+        raise ckpt.CheckpointError(f"{path}: unexpected key 'state.{extra[0]}'")
+
+
+def _read_rank_state(found: ckpt.Found) -> tuple[dict, dict]:
+    """(loader state from rank-<r>.json, RNG states from rank-<r>.pt), both present and of the right
+    types and written at this checkpoint's step."""
+    r = dist.rank()
+    json_path, pt_path = found.path / f"rank-{r}.json", found.path / f"rank-{r}.pt"
+    for p in (json_path, pt_path):
+        if not p.is_file():
+            raise ckpt.CheckpointError(
+                f"{p}: missing (no state for rank {r}; saved with another world size?)"
+            )
+    try:
+        state = json.loads(json_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ckpt.CheckpointError(f"{json_path}: not readable JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("loader"), dict):
+        raise ckpt.CheckpointError(_missing(json_path, ["loader"]))
+    saved = ckpt.read_torch(pt_path)
+    if not isinstance(saved, dict):
+        raise ckpt.CheckpointError(f"{pt_path}: expected a dict with 'rng' and 'step', got "
+                                   f"{type(saved).__name__}")  # fmt: skip
+    if missing := {"rng", "step"} - set(saved):
+        raise ckpt.CheckpointError(_missing(pt_path, missing))
+    for path, step in ((json_path, state.get("step")), (pt_path, saved["step"])):
+        if step != found.step:
+            raise ckpt.CheckpointError(f"{path}: key 'step' is {step!r}, the checkpoint's is {found.step}")
+    rng = saved["rng"]
+    if not isinstance(rng, dict):
+        raise ckpt.CheckpointError(f"{pt_path}: key 'rng' must be a dict, got {type(rng).__name__}")
+    if missing := {"python", "numpy", "torch"} - set(rng):
+        raise ckpt.CheckpointError(_missing(pt_path, [f"rng.{k}" for k in missing]))
+    if not isinstance(rng["torch"], torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        raise ckpt.CheckpointError(f"{pt_path}: key 'rng.torch' must be a uint8 tensor")
+    return state["loader"], rng
+
+
 def _restore(found: ckpt.Found, module: nn.Module, opt: torch.optim.Optimizer, train: Batches,
              hooks: Hooks) -> tuple[int, Path]:  # fmt: skip
+    """Load checkpoint `found` into the module, optimizer, loader and RNGs. Every file is read and its
+    keys, types and shapes checked before anything is applied; a CheckpointError (this checkpoint is
+    unusable; an older one may be) from the few checks only applying can do (the loader's own) may
+    leave the model loaded, which is harmless: the caller restores an older checkpoint whole, or exits.
+    A different run's checkpoint is a TrainError, since every checkpoint of the run shares it."""
     saved = found.manifest.get("fingerprint", {})
     diff = ckpt.fingerprint_diff(saved, hooks.fingerprint or {})
     if diff:
         raise TrainError(f"{found.path}: this checkpoint belongs to a different run: {'; '.join(diff)}")
-    rank_file = found.path / f"rank-{dist.rank()}.json"
-    if not rank_file.is_file():
-        raise TrainError(f"{found.path}: no state for rank {dist.rank()} (saved with another world size)")
-    trainable = ckpt.read_tensors(found.path / "trainable.safetensors")
+    loader, rng = _read_rank_state(found)
+    want = _trainable_state(module)
+    tensors_path = found.path / "trainable.safetensors"
+    trainable = ckpt.read_tensors(tensors_path)
+    _check_tensors(tensors_path, trainable, want)
+    optim_path = found.path / "optimizer.pt"
+    optim_state = ckpt.read_torch(optim_path)
+    _check_optimizer(optim_path, optim_state, get_optimizer_state_dict(module, opt, options=_FULL), want)
     set_model_state_dict(module, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
-    want = set(_trainable_state(module))
-    if set(trainable) != want:
-        raise TrainError(f"{found.path}: trainable parameters differ from the model's: "
-                         f"{sorted(set(trainable) ^ want)[:5]}")  # fmt: skip
-    set_optimizer_state_dict(module, opt, ckpt.read_torch(found.path / "optimizer.pt"), options=_FULL)
-    state = json.loads(rank_file.read_text(encoding="utf-8"))
-    train.load_state_dict(state["loader"])
-    set_rng_state(ckpt.read_torch(found.path / f"rank-{dist.rank()}.pt")["rng"])
+    # strict=False: buffers are not in the file; _check_tensors already demanded every trainable key
+    try:
+        set_optimizer_state_dict(module, opt, optim_state, options=_FULL)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ckpt.CheckpointError(f"{optim_path}: does not match this optimizer ({e})") from None
+    try:
+        train.load_state_dict(loader)
+    except (KeyError, ValueError, TypeError, UserError) as e:
+        raise ckpt.CheckpointError(f"{found.path / f'rank-{dist.rank()}.json'}: key 'loader': {e}") from None
+    before = rng_state()
+    try:
+        set_rng_state(rng)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        set_rng_state(before)  # a half-applied state would make the next checkpoint's draws unreproducible
+        raise ckpt.CheckpointError(f"{found.path / f'rank-{dist.rank()}.pt'}: key 'rng' is malformed "
+                                   f"({type(e).__name__}: {e})") from None  # fmt: skip
     return found.step, found.path
 
 

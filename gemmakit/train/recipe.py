@@ -196,6 +196,26 @@ class Recipe:
             (self.loop.grad_accum >= 1, "loop.grad_accum", ">= 1", self.loop.grad_accum),
             (self.loop.keep_last >= 1, "loop.keep_last", ">= 1", self.loop.keep_last),
             (self.loop.loss_chunk >= 1, "loop.loss_chunk", ">= 1", self.loop.loss_chunk),
+            # log_every 0 would divide by zero mid-run; a negative save/eval period never fires
+            (self.loop.log_every >= 1, "loop.log_every", ">= 1", self.loop.log_every),
+            (
+                self.loop.save_every >= 0,
+                "loop.save_every",
+                ">= 0 (0 = only at the end)",
+                self.loop.save_every,
+            ),
+            (
+                self.loop.eval_every >= 0,
+                "loop.eval_every",
+                ">= 0 (0 = only at the end)",
+                self.loop.eval_every,
+            ),
+            (self.loop.eval_batches >= 1, "loop.eval_batches", ">= 1", self.loop.eval_batches),
+            (self.loop.peak_flops >= 0, "loop.peak_flops", ">= 0 (0 = unknown)", self.loop.peak_flops),
+            # r = 0 builds empty adapters (and alpha / r divides by zero); checked even when disabled so a
+            # recipe's values are valid whichever way lora.enabled is later set
+            (self.lora.r >= 1, "lora.r", ">= 1", self.lora.r),
+            (0.0 <= self.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", self.lora.dropout),
             (self.data.seq_len >= 2, "data.seq_len", ">= 2", self.data.seq_len),
             (self.data.batch_size >= 1, "data.batch_size", ">= 1", self.data.batch_size),
             (0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "in [0, 1)", self.data.val_fraction),
@@ -283,6 +303,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a TOML recipe, apply `--set` overrides, validate; RecipeError names the file and key."""
+    if Path(path).is_dir():  # read_toml would raise IsADirectoryError, a traceback rather than a line
+        raise RecipeError(f"{path}: is a directory, not a recipe TOML file (e.g. recipes/sft-lora.toml)")
     raw = read_toml(path, RecipeError)
     return recipe_from_dict(apply_overrides(raw, overrides or []), str(path))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.artifact import atomic_dir, sha256_file, verify, write_json
+from gemmakit.artifact import atomic_dir, sha256_file, verify, write_errors, write_json
 from gemmakit.checkpoint import load_model, save_hf
 from gemmakit.config import ModelConfig, get_preset, layer_pattern
 from gemmakit.model import Gemma
@@ -67,12 +67,22 @@ def resolve_tokenizer(recipe: Recipe) -> Tokenizer:
                       "directory that holds tokenizer.model)")  # fmt: skip
 
 
+def check_seq_len(recipe: Recipe, cfg: ModelConfig) -> None:
+    """data.seq_len within the model's positions (RoPE and the masks are built for max_seq_len): a
+    longer row would otherwise fail deep in attention, or first try to allocate (B, T, T) scores."""
+    if recipe.data.seq_len > cfg.max_seq_len:
+        raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max position "
+                          f"(max_seq_len {cfg.max_seq_len}); use at most {cfg.max_seq_len}")  # fmt: skip
+
+
 def build_model(recipe: Recipe, tokenizer: Tokenizer) -> Gemma:
     """A float32 Gemma: loaded from model.init_from, or the preset/overrides initialised from the seed."""
     if recipe.model.init_from:
         model = load_model(recipe.model.init_from, dtype=torch.float32)
+        check_seq_len(recipe, model.config)
     else:
         cfg = model_config(recipe, vocab_size=None)
+        check_seq_len(recipe, cfg)  # before the weights are allocated
         with torch.device("meta"):
             model = Gemma(cfg)
         model = model.to_empty(device="cpu").init_weights(recipe.model.init_std, seed=recipe.loop.seed)
@@ -80,6 +90,31 @@ def build_model(recipe: Recipe, tokenizer: Tokenizer) -> Gemma:
         raise RecipeError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
                           f"{model.config.vocab_size} embedding rows (set model.overrides.vocab_size)")  # fmt: skip
     return model.set_attn_impl("sdpa")
+
+
+def training_bytes(recipe: Recipe, model: Gemma) -> int:
+    """A LOWER bound on the memory one training step needs: the weights, then for each trainable
+    parameter its gradient and two AdamW moments (float32), then the activations every layer keeps
+    for backward (its inputs to the q/k/v/o and three MLP projections, at the compute dtype).
+
+    A lower bound on purpose: `memory.check_fits` refuses only what cannot fit, so a run that might fit
+    is never turned away; attention scores, the loss head and allocator slack come on top."""
+    cfg, d = model.config, recipe.data
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    act_bytes = 2 if recipe.loop.dtype == "bfloat16" else 4
+    per_token = cfg.n_layers * (4 * cfg.dim + 3 * cfg.hidden_dim) * act_bytes
+    return weights + 3 * 4 * trainable + d.batch_size * d.seq_len * per_token
+
+
+def check_memory(recipe: Recipe, model: Gemma, device: torch.device) -> None:
+    """MemoryLimitError (one line: needed vs available, /proc/meminfo MemAvailable on CPU) before the
+    first batch is allocated, rather than the kernel's OOM killer ending the run mid-step."""
+    from gemmakit.memory import check_fits
+
+    d = recipe.data
+    check_fits(f"training (data.batch_size {d.batch_size} x data.seq_len {d.seq_len}, "
+               f"{model.config.n_layers} layers)", training_bytes(recipe, model), str(device))  # fmt: skip
 
 
 def _lora(recipe: Recipe, model: Gemma) -> Gemma:
@@ -107,10 +142,25 @@ def _fingerprint(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> dict:
     return fp
 
 
+def _check_data_kind(method: str, key: str, path: Path | None) -> None:
+    """pretrain reads a token shard directory, sft a chat JSONL file; the other kind is named as such
+    rather than failing inside the reader with an IsADirectoryError or a shard-index error."""
+    if path is None or not path.exists():
+        return  # the readers name a missing path themselves
+    if method == "sft" and path.is_dir():
+        raise RecipeError(f"{key}: {path} is a directory (token shards are for method = \"pretrain\"); "
+                          "method = \"sft\" reads a chat JSONL file")  # fmt: skip
+    if method == "pretrain" and not path.is_dir():
+        raise RecipeError(f"{key}: {path} is a file; method = \"pretrain\" reads a token shard directory "
+                          "(`gemmakit shards`), method = \"sft\" a chat JSONL file")  # fmt: skip
+
+
 def _batches(recipe: Recipe, tokenizer: Tokenizer) -> tuple[object, Callable | None]:
     d, r, w = recipe.data, dist.rank(), dist.world_size()
     if not d.path:
         raise RecipeError("data.path: no training data given")
+    for key, value in (("data.path", d.path), ("data.val_path", d.val_path)):
+        _check_data_kind(recipe.method, key, Path(value) if value else None)
     if recipe.method == "pretrain":
         from gemmakit.train.pretrain import ShardBatches, eval_batches
 
@@ -190,24 +240,34 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         on_log: Callable[[dict], None] | None = None, on_micro: Callable[[int, int], None] | None = None) -> Result:  # fmt: skip
     """Train as the recipe says, writing into `run_dir`; `resume` continues from its newest good checkpoint."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"--out {run_dir}: exists and is not a directory (the run directory holds "
+                          "metrics, checkpoints and the final model)")  # fmt: skip
     want = recipe.loop.device
+    if want == "cuda" and not torch.cuda.is_available():
+        why = (
+            "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        )
+        raise RecipeError(f'loop.device: \'cuda\' but {why}; use loop.device = "cpu" or "auto"')
     device = dist.setup(recipe.parallel.mode, "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")  # fmt: skip
     recipe = _with_peak_flops(recipe, device)
     tokenizer = resolve_tokenizer(recipe)
     model = build_model(recipe, tokenizer)
     if recipe.lora.enabled:
         model = _lora(recipe, model)
+    check_memory(recipe, model, device)
     fingerprint = _fingerprint(recipe, model, tokenizer)
     train, val = _batches(recipe, tokenizer)
     module = dist.wrap(NextTokenLoss(model.to(device), recipe.loop.loss_chunk), recipe.parallel.mode, device)
-    if dist.rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "recipe.json", recipe_to_dict(recipe))
     hooks = Hooks(val_batches=val, export=_exporter(recipe, model, tokenizer), on_log=on_log, on_micro=on_micro,
                   fingerprint=fingerprint)  # fmt: skip
-    result = fit(module, train, recipe, run_dir, resume=resume, hooks=hooks, device=device)
-    if dist.rank() == 0 and result.last_checkpoint is not None:
-        finalize(recipe, run_dir, result, tokenizer)
+    with write_errors(run_dir):  # a read-only or full disk under --out is one line naming it, not a traceback
+        if dist.rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "recipe.json", recipe_to_dict(recipe))
+        result = fit(module, train, recipe, run_dir, resume=resume, hooks=hooks, device=device)
+        if dist.rank() == 0 and result.last_checkpoint is not None:
+            finalize(recipe, run_dir, result, tokenizer)
     dist.barrier()
     return result
 

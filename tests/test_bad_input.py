@@ -212,3 +212,21 @@ def test_cli_numbers_fuzz(model_dir, tmp_path, monkeypatch):
                 lines = err.getvalue().strip().splitlines()
                 assert len(lines) == 1 and lines[0].startswith("gemmakit: error:"), (opt, value, lines)
     assert have is not None and have > 0
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [  # rows 15 and 20: numbers the data, train and eval commands used to accept or crash on
+        (["data", "run", "--recipe", "r.toml", "--workers", "-3"], "--workers"),
+        (["data", "run", "--recipe", "r.toml", "--workers", "0"], "--workers"),
+        (["data", "synth", "--out", "o", "--docs", "-5"], "--docs"),
+        (["data", "synth", "--out", "o", "--seed", "-1"], "--seed"),
+        (["train", "--recipe", "r.toml", "--out", "o", "--threads", "0"], "--threads"),
+        (["eval", "--tasks", "arc_easy", "--limit", "0"], "--limit"),
+        (["eval", "--tasks", "arc_easy", "--batch-size", "-2"], "--batch-size"),
+    ],
+)
+def test_other_commands_numbers(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(run(*args), needle, args[-1])
+    assert list(tmp_path.iterdir()) == []  # refused while parsing: nothing read, nothing written

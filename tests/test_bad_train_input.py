@@ -224,7 +224,7 @@ def shard_recipe(base: dict[str, Path]) -> Path:
         ("loop.device=cuda", ["loop.device", "cuda"]),
         ("lora.r=0", ["lora.r", ">= 1"]),
         ("loop.save_every=-1", ["loop.save_every", "-1"]),
-        ("data.seq_len=100000", ["data.seq_len", "100000", "max position"]),
+        ("data.seq_len=100000", ["data.seq_len", "100000", "max position", "needs at least", "available"]),
         # fits the model's positions, but no machine holds the activations: refused before allocating
         ("data.batch_size=100000000", ["data.batch_size 100000000", "needs", "available"]),
     ],

@@ -25,7 +25,8 @@ import torch
 from gemmakit.artifact import atomic_dir, sha256_file, verify, write_errors, write_json
 from gemmakit.checkpoint import load_model, save_hf
 from gemmakit.config import ModelConfig, get_preset, layer_pattern
-from gemmakit.model import Gemma
+from gemmakit.memory import available_bytes, gib
+from gemmakit.model import Gemma, param_count
 from gemmakit.tokenizer import Tokenizer
 from gemmakit.train import distributed as dist
 from gemmakit.train.loop import Hooks, Result, fit
@@ -69,10 +70,16 @@ def resolve_tokenizer(recipe: Recipe) -> Tokenizer:
 
 def check_seq_len(recipe: Recipe, cfg: ModelConfig) -> None:
     """data.seq_len within the model's positions (RoPE and the masks are built for max_seq_len): a
-    longer row would otherwise fail deep in attention, or first try to allocate (B, T, T) scores."""
+    longer row would otherwise fail deep in attention, or first try to allocate (B, T, T) scores. The
+    message also says what a step at that length would need against what the machine has."""
     if recipe.data.seq_len > cfg.max_seq_len:
+        n = param_count(cfg)
+        need = _step_bytes(recipe, cfg, 4 * n, 0 if recipe.lora.enabled else n)
+        have = available_bytes()
+        room = f"; a step at that length needs at least {gib(need)}" + (
+            f" of the {gib(have)} this machine has available" if have is not None else "")  # fmt: skip
         raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max position "
-                          f"(max_seq_len {cfg.max_seq_len}); use at most {cfg.max_seq_len}")  # fmt: skip
+                          f"(max_seq_len {cfg.max_seq_len}); use at most {cfg.max_seq_len}{room}")  # fmt: skip
 
 
 def build_model(recipe: Recipe, tokenizer: Tokenizer) -> Gemma:
@@ -99,12 +106,16 @@ def training_bytes(recipe: Recipe, model: Gemma) -> int:
 
     A lower bound on purpose: `memory.check_fits` refuses only what cannot fit, so a run that might fit
     is never turned away; attention scores, the loss head and allocator slack come on top."""
-    cfg, d = model.config, recipe.data
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _step_bytes(recipe, model.config, weights, trainable)
+
+
+def _step_bytes(recipe: Recipe, cfg: ModelConfig, weights: int, trainable: int) -> int:
+    """`training_bytes` from its parts: weight bytes, trainable parameter count, the batch's activations."""
     act_bytes = 2 if recipe.loop.dtype == "bfloat16" else 4
     per_token = cfg.n_layers * (4 * cfg.dim + 3 * cfg.hidden_dim) * act_bytes
-    return weights + 3 * 4 * trainable + d.batch_size * d.seq_len * per_token
+    return weights + 3 * 4 * trainable + recipe.data.batch_size * recipe.data.seq_len * per_token
 
 
 def check_memory(recipe: Recipe, model: Gemma, device: torch.device) -> None:

@@ -69,26 +69,19 @@ def cli_on_tmpfs(mnt: Path, args: list[str], *, read_only: bool,
 
 @needs_unshare
 @pytest.mark.parametrize("writer", list(WRITERS))
-def test_writing_into_a_read_only_directory_is_one_line(writer, tmp_path) -> None:
-    """Rows 10 and 11: read-only target directory; export-gguf's cleanup used to raise EROFS again."""
+@pytest.mark.parametrize(
+    "read_only, reason", [(True, "read-only file system"), (False, "no space left on device")]
+)
+def test_a_read_only_or_full_filesystem_is_one_line_and_leaves_nothing(
+    writer, read_only, reason, tmp_path
+) -> None:
+    """Rows 10-12: a read-only target directory (export-gguf's cleanup used to raise EROFS again), or a
+    64 KiB tmpfs that fills while the weights are written; either way the temp output must go."""
     if writer == "export-gguf":
         pytest.importorskip("gguf")
     out = tmp_path / "mnt" / "out"
-    proc, left = cli_on_tmpfs(tmp_path / "mnt", [*WRITERS[writer], "--out", str(out)], read_only=True)
-    assert_user_error(proc, str(out), "read-only file system")
-    assert proc.stderr.startswith("gemmakit: error:")
-    assert left == []
-
-
-@needs_unshare
-@pytest.mark.parametrize("writer", list(WRITERS))
-def test_a_full_disk_is_one_line_and_leaves_nothing(writer, tmp_path) -> None:
-    """Row 12: the 64 KiB tmpfs fills while the weights are written; the temp output must go."""
-    if writer == "export-gguf":
-        pytest.importorskip("gguf")
-    out = tmp_path / "mnt" / "out"
-    proc, left = cli_on_tmpfs(tmp_path / "mnt", [*WRITERS[writer], "--out", str(out)], read_only=False)
-    assert_user_error(proc, str(out), "no space left on device")
+    proc, left = cli_on_tmpfs(tmp_path / "mnt", [*WRITERS[writer], "--out", str(out)], read_only=read_only)
+    assert_user_error(proc, str(out), reason)
     assert proc.stderr.startswith("gemmakit: error:")
     assert left == []
 

@@ -45,6 +45,21 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
+    if args.kind != "web":
+        import json
+
+        from gemmakit.artifact import atomic_open
+        from gemmakit.data import synth
+
+        rows = (synth.preference_pairs if args.kind == "preference" else synth.prompt_set)(
+            args.docs, args.seed
+        )
+        out = Path(args.out)
+        out = out / f"{args.kind}-{synth.split_of(args.seed)}-seed{args.seed}.jsonl" if out.is_dir() else out
+        with atomic_open(out, overwrite=args.overwrite) as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows):,} {args.kind} rows ({synth.split_of(args.seed)} split) to {out}")
+        return 0
     from gemmakit.data.webgen import write_demo_corpus
 
     paths = write_demo_corpus(Path(args.out), args.docs, args.seed)
@@ -80,6 +95,12 @@ def add_parsers(sub: Any) -> None:
         "--docs", type=ca.int_range(1, 10**8), default=20000, help="number of documents (default 20000)"
     )
     r.add_argument("--seed", type=ca.seed, default=0)
+    r.add_argument("--kind", choices=("web", "preference", "prompts"), default="web",
+                   help="web: the corpus above (default); preference: TRL-format preference pairs for reward "
+                        "models and DPO; prompts: RL prompt rows with answers for verifiable rewards (--out "
+                        "is then a JSONL file or a directory; --docs is the row count; even seeds are the "
+                        "train split, odd seeds held out)")  # fmt: skip
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     r.set_defaults(func=cmd_data_synth)
     r = data.add_parser("report", help="re-render report.md / report.png from a run's stats.json")
     r.add_argument("dir", help="a finished data run's output directory")

@@ -16,6 +16,10 @@ from typing import Any
 
 from gemmakit import cli_args as ca
 
+# Alignment metrics worth a glance on the progress line (metrics.jsonl has them all).
+_ALIGN_SHOWN = (("accuracy", "acc"), ("rewards/accuracy", "acc"), ("rewards/margin", "margin"),
+                ("reward", "reward"), ("kl", "kl"))  # fmt: skip
+
 
 def _progress(total: int) -> Any:
     start = time.perf_counter()
@@ -24,6 +28,7 @@ def _progress(total: int) -> Any:
         step, elapsed = record["step"], time.perf_counter() - start
         eta = elapsed / max(step, 1) * (total - step)
         val = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
+        val += "".join(f"  {name} {record[key]:.3f}" for key, name in _ALIGN_SHOWN if key in record)
         print(f"step {step:>6}/{total}  loss {record['loss']:.4f}{val}  lr {record['lr']:.2e}  "
               f"|g| {record['grad_norm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  eta {eta / 60:.1f} min",
               flush=True)  # fmt: skip
@@ -87,8 +92,62 @@ def cmd_nano(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reward_score(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from gemmakit.artifact import atomic_open
+    from gemmakit.data.preference import read_preference_jsonl
+    from gemmakit.errors import UserError
+    from gemmakit.tokenizer import Tokenizer
+    from gemmakit.train.pairs import encode_pairs
+    from gemmakit.train.reward import load_reward_model, score_sequences
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer.load(args.tokenizer or args.model)
+    rm = load_reward_model(args.model, pad_id=tokenizer.pad_id)
+    if tokenizer.vocab_size > rm.config.vocab_size:
+        raise UserError(f"--tokenizer: {tokenizer.vocab_size} pieces but the reward model {args.model} has "
+                        f"{rm.config.vocab_size} embedding rows; use the tokenizer it was trained with")  # fmt: skip
+    pairs = encode_pairs(read_preference_jsonl(args.data), tokenizer, args.data)
+    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    scores = score_sequences(rm, seqs, args.batch_size)
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
+    out = Path(args.out)
+    with atomic_open(out, overwrite=True) as f:
+        for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)):
+            f.write(json.dumps({"pair": i + 1, "chosen": c, "rejected": r, "margin": c - r}) + "\n")
+    right = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+    margin = sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+    print(f"accuracy {right / len(pairs):.4f} ({right}/{len(pairs)} pairs: chosen scored above rejected); "
+          f"mean margin {margin:.4f}; scores: {out}")  # fmt: skip
+    return 0
+
+
+def _add_reward(sub: Any) -> None:
+    p = sub.add_parser("reward", help="use a reward model (score preference pairs)",
+                       description="Reward models trained with `gemmakit train` (method \"reward\") or any "
+                                   "HF Gemma*ForSequenceClassification directory with one label.")  # fmt: skip
+    rsub = p.add_subparsers(dest="reward_command", required=True, metavar="{score}")
+    q = rsub.add_parser("score", help="score preference pairs; print the pairwise accuracy",
+                        description="Score prompt + chosen and prompt + rejected of every pair in a TRL-format "
+                                    "preference JSONL file; print how often chosen wins and write the scores.")  # fmt: skip
+    q.add_argument("--model", required=True, help="reward model directory")
+    q.add_argument("--data", required=True, help="preference pairs JSONL ({prompt, chosen, rejected})")
+    q.add_argument(
+        "--out", default="scores.jsonl", help="scores JSONL, one line per pair (default: scores.jsonl)"
+    )
+    q.add_argument("--tokenizer", help="tokenizer.model or its directory (default: the one in --model)")
+    q.add_argument("--batch-size", type=ca.positive_int, default=8, help="sequences per forward (default 8)")
+    q.add_argument("--threads", type=ca.threads, help="CPU threads (default: torch's choice)")
+    q.set_defaults(func=cmd_reward_score)
+
+
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("train", help="pretrain, SFT or LoRA from a TOML recipe",
+    p = sub.add_parser("train", help="pretrain, SFT, LoRA, reward model, DPO or RL from a TOML recipe",
                        description="Train from a TOML recipe (see recipes/). Under torchrun, every rank "
                                    "runs this command; set parallel.mode to ddp or fsdp.")  # fmt: skip
     p.add_argument("--recipe", required=True, help="recipe TOML file")
@@ -109,6 +168,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_shards)
     _add_nano(sub)
+    _add_reward(sub)
 
 
 def _add_nano(sub: Any) -> None:

@@ -22,10 +22,12 @@ first (or save the adapter alone). In exchange any base (float or quantized) is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +176,21 @@ def apply_lora(model: Gemma, cfg: LoraConfig, *, seed: int | None = None) -> Gem
     n = sum(p.numel() for p in lora_parameters(model))
     log.info("LoRA r=%d alpha=%s on %s: %d trainable parameters", cfg.r, cfg.alpha, ",".join(cfg.targets), n)
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every adapter's scaling is 0, so the model computes its frozen base exactly (y + 0): the
+    reference policy of DPO / RL at no second copy of the weights. Restored on exit, also on error."""
+    mods = list(lora_modules(model).values())
+    saved = [m.scaling for m in mods]
+    for m in mods:
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, s in zip(mods, saved, strict=True):
+            m.scaling = s
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -246,7 +246,7 @@ def test_recipe_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"loop\.steps: expected int, got str"):
         recipe_from_dict({"loop": {"steps": "ten"}})
     with pytest.raises(RecipeError, match="method: expected one of"):
-        recipe_from_dict({"method": "dpo"})
+        recipe_from_dict({"method": "ppo"})
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim\nlr = 1")
     with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):

@@ -70,3 +70,34 @@ def sft_recipe(data_path: Path, tok_path: Path, **sections: dict) -> dict:
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return raw
+
+
+def write_pair_data(path: Path, n: int = 48, seed: int = 0) -> Path:
+    """`n` preference pairs on the reverse task: chosen reverses the user's words, rejected shuffles
+    other words (TRL's conversational format, a third as plain strings)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+            prompt, good = "reverse: " + " ".join(words), " ".join(reversed(words))
+            bad = " ".join(rng.choice(WORDS) for _ in range(len(words) + 2))
+            if i % 3 == 0:
+                row = {"prompt": prompt, "chosen": good, "rejected": bad}
+            else:
+                row = {"prompt": [{"role": "user", "content": prompt}],
+                       "chosen": [{"role": "assistant", "content": good}],
+                       "rejected": [{"role": "assistant", "content": bad}]}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_prompt_data(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """RL prompt rows on the reverse task, each with its `answer` column for `align_rewards`."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))]
+            row = {"messages": [{"role": "user", "content": "reverse: " + " ".join(words)}],
+                   "answer": " ".join(reversed(words))}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -26,7 +26,7 @@ from gemmakit.checkpoint.formats import (
     open_store,
     read_safetensors_header,
 )
-from gemmakit.checkpoint.load import describe, estimate_memory, load_model
+from gemmakit.checkpoint.load import describe, estimate_memory, load_model, load_model_with_heads
 from gemmakit.checkpoint.names import (
     FORMATS,
     file_names,
@@ -62,6 +62,7 @@ __all__ = [
     "hf_state_dict_to_internal",
     "internal_name_to_hf",
     "load_model",
+    "load_model_with_heads",
     "open_store",
     "read_safetensors_header",
     "save_gemma_pytorch",

@@ -195,7 +195,12 @@ def _check_manifest(src: _Source, verify: bool) -> list[str]:
 
 
 def _check(
-    infos: dict[str, _Info], cfg: ModelConfig, cfg_src: str, layout: str, extra_rows: bool
+    infos: dict[str, _Info],
+    cfg: ModelConfig,
+    cfg_src: str,
+    layout: str,
+    extra_rows: bool,
+    heads: tuple[str, ...] = (),
 ) -> list[str]:
     """Every disagreement between the stored tensors and `cfg`, as message fragments."""
     want, problems = file_shapes(cfg, layout), []
@@ -235,9 +240,17 @@ def _check(
         problems.append(
             f"{lm.stored_name}: tied model, shape expected {list(infos[embed].shape)}, found {list(lm.shape)}"
         )
+    problems += [f"missing tensor {n}" for n in heads if n not in infos]
     for n, info in infos.items():
+        if n in heads:
+            continue
         if n not in want and not (n == "lm_head.weight" and cfg.tie_embeddings) and not beyond(n):
-            problems.append(f"unexpected tensor {info.stored_name}")
+            why = (
+                " (a reward / sequence-classification head: `gemmakit reward score` reads it)"
+                if n == "score.weight"
+                else ""
+            )
+            problems.append(f"unexpected tensor {info.stored_name}{why}")
     return problems
 
 
@@ -283,16 +296,35 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
         raise CheckpointError(f"dtype: expected one of {[str(d) for d in _USABLE]}, got {dtype}")
     if attn_impl not in ATTN_IMPLS:
         raise CheckpointError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
+    model, _ = load_model_with_heads(path, (), dtype, device, attn_impl, config=config, verify=verify)
+    return model
+
+
+def load_model_with_heads(path: str | Path, heads: tuple[str, ...], dtype: torch.dtype | None = None,
+                          device: str = "cpu", attn_impl: str = "eager", *, config: ModelConfig | None = None,
+                          verify: bool = False) -> tuple[Gemma, dict[str, torch.Tensor]]:  # fmt: skip
+    """`load_model` of a checkpoint that also stores the tensors named `heads` (HF names, e.g. a reward
+    model's "score.weight"): each must be present (checked with everything else); returned beside the
+    model in the same dtype, their shapes for the caller to check."""
+    if dtype is not None and dtype not in _USABLE:
+        raise CheckpointError(f"dtype: expected one of {[str(d) for d in _USABLE]}, got {dtype}")
+    if attn_impl not in ATTN_IMPLS:
+        raise CheckpointError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
     try:
-        model = _load(Path(path), dtype, device, config, verify)
+        model, extra = _load(Path(path), dtype, device, config, verify, tuple(heads))
     except OSError as e:  # unreadable file, permissions, a directory where a file should be
         raise _err(e.filename or path, e.strerror or str(e)) from None
-    return model.set_attn_impl(attn_impl).eval()
+    return model.set_attn_impl(attn_impl).eval(), extra
 
 
 def _load(
-    path: Path, dtype: torch.dtype | None, device: str, config: ModelConfig | None, verify: bool
-) -> Gemma:
+    path: Path,
+    dtype: torch.dtype | None,
+    device: str,
+    config: ModelConfig | None,
+    verify: bool,
+    heads: tuple[str, ...] = (),
+) -> tuple[Gemma, dict[str, torch.Tensor]]:
     src = _resolve(path)
     if src.manifest is not None and _read_json(src.manifest).get("format") == "quantized":
         raise _err(src.manifest.parent, "a quantized checkpoint (see manifest.json); load it with "
@@ -303,15 +335,17 @@ def _load(
     cfg, cfg_src = _config_for(src, infos, layout, config)
     # Gemma 3 multimodal repos hold image-token embedding rows past the text vocab; they are dropped.
     extra_rows = src.config_json is not None and _read_json(src.config_json).get("model_type") == "gemma3"
-    problems = _check_manifest(src, verify) + _check(infos, cfg, cfg_src, layout, extra_rows)
+    problems = _check_manifest(src, verify) + _check(infos, cfg, cfg_src, layout, extra_rows, heads)
     if problems:
         raise _err(src.where, problems)
     sd = _materialize(store, infos, cfg, layout, dtype, device)
+    out_dtype = sd["embed.weight"].dtype
+    extra = {n: store.fetch(infos[n].stored_name).to(device=device, dtype=out_dtype).clone() for n in heads}
     with torch.device("meta"):
         model = Gemma(cfg)
     model.load_state_dict(sd, assign=True, strict=True)
     log.info("loaded %s (%s layout, %d file(s), config from %s)", src.where, layout, len(src.files), cfg_src)
-    return model
+    return model, extra
 
 
 def describe(path: str | Path, config: ModelConfig | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +123,15 @@ def _out_dtype(model: Gemma, dtype: torch.dtype | None) -> torch.dtype:
 
 def save_hf(model: Gemma, out_dir: str | Path, dtype: torch.dtype | None = None,
             max_shard_bytes: int | None = None, *, overwrite: bool = False,
-            copy_files: Sequence[Path] = ()) -> Path:  # fmt: skip
+            copy_files: Sequence[Path] = (), heads: Mapping[str, torch.Tensor] | None = None,
+            hf_config: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
     """Write config.json + model.safetensors (or HF-named shards + index) + manifest.json, atomically.
 
     Sharding follows transformers: with one shard there is no index file. Tensors go to disk one
     at a time, so writing costs one tensor of extra memory, not a copy of the model. `copy_files`
     (say the source's tokenizer.model) are copied in under their own names, inside the same commit.
+    `heads` are extra tensors under their HF names (a reward model's "score.weight") and `hf_config`
+    keys replace config.json's (its "architectures"), for HF classes built on the same decoder.
     """
     cfg, dtype = model.config, _out_dtype(model, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -140,11 +143,13 @@ def save_hf(model: Gemma, out_dir: str | Path, dtype: torch.dtype | None = None,
             size = 0
         shards[-1][internal_name_to_hf(name, cfg)] = t
         size += t.nbytes
+    for name, t in (heads or {}).items():
+        shards[-1][name] = t.detach().to("cpu", dtype).contiguous()
     n = len(shards)
     names = (
         ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
-    hf = {**to_hf_dict(cfg), "torch_dtype": str(dtype).removeprefix("torch.")}
+    hf = {**to_hf_dict(cfg), "torch_dtype": str(dtype).removeprefix("torch."), **(hf_config or {})}
     with checkpoint_dir(out_dir, overwrite=overwrite, producer="gemmakit.checkpoint.save_hf", fmt="hf",
                         config=cfg, dtype=dtype) as tmp:  # fmt: skip
         for fname, shard in zip(names, shards, strict=True):

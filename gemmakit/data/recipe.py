@@ -4,7 +4,8 @@ Where it sits: read by `gemmakit data run --recipe X.toml` and by `data.pipeline
 a run. Layout (every key maps to a dataclass field; unknown sections and keys are errors):
 
     [pipeline]                 # PipelineSection: shard count, local workers
-    [[source]]                 # SourceSection, one per corpus (name, paths or globs, format)
+    [[source]]                 # SourceSection, one per corpus (name, paths or globs, format = "text" |
+                               #   "chat" | "preference")
     [[stage]]                  # one per stage, in order: kind = "quality" | "language" | "toxicity" | "pii"
                                #   | "self_identification" | "dedup" | "decontam"; the other keys are that
                                #   stage's config (filters.FILTERS, dedup.DedupConfig, decontam.DecontamConfig)
@@ -30,7 +31,7 @@ from gemmakit.config import dataclass_from_table, read_toml
 from gemmakit.data import decontam, dedup, filters
 from gemmakit.errors import UserError
 
-FORMATS = ("text", "chat")
+FORMATS = ("text", "chat", "preference")
 GLOBAL_STAGES = ("dedup",)  # stages that need every shard's output before any shard can go on
 # Each shard is a task with its own files (markers, survivors, signatures, token parts) and every plain
 # JSONL input is cut into one byte range per shard, so planning and the output tree grow with the count;
@@ -73,9 +74,11 @@ class SourceSection:
     # Files (JSONL plain/.gz/.zst by magic bytes, Parquet), directories of .txt files, or glob patterns.
     paths: tuple[str, ...] = ()
     # "text": one document per record in `text_field`; "chat": `text_field` holds a list of
-    # {"role", "content"} turns (SFT data), which the SFT filters judge turn by turn.
+    # {"role", "content"} turns (SFT data), which the SFT filters judge turn by turn; "preference": TRL
+    # preference rows (data.preference: {"prompt", "chosen", "rejected"}, strings or messages, implicit
+    # prompt allowed), each answer judged as the chat conversation prompt + answer (data.shard_step).
     format: str = "text"
-    # Field holding the text ("text") or, for chat, the turns ("messages").
+    # Field holding the text ("text") or, for chat, the turns ("messages"); unused for preference.
     text_field: str = ""
     # Field holding a stable document id; records without one get "<file>:<line>".
     id_field: str = "id"

@@ -7,6 +7,15 @@ never directly by users. A segment is the run of per-document stages between two
 documents the global dedup step marked. The last segment writes the kept JSONL, the shard's token part
 and its examples; the others write survivors and (before a dedup) their MinHash signatures.
 
+Preference sources (`format = "preference"`, TRL rows read by `data.preference`): each answer is judged
+as the chat conversation prompt + answer, with the same filters a chat source gets, and the pair is
+dropped when either fails, counted once under the first failure's reason (`_judge_pair`). Between
+segments and for dedup, a pair's text is prompt + chosen + rejected, so dedup removes repeated *pairs*,
+never different answers to one prompt (a DPO set may hold several pairs per prompt). Kept pairs go to
+kept/ as normalised conversational rows {"id", "prompt", "chosen", "rejected", ["margin"], ...,
+"corpus"} that `read_preference_jsonl` reads back; like chat sources, they add nothing to tokens/
+(token shards are packed pretraining text; a preference trainer renders and tokenizes pairs itself).
+
 Every output goes to a temp file that is fsynced and renamed into place, and the caller writes the
 completion marker only after this function returns, so a kill at any point leaves either nothing or
 complete files under final names, and a rerun redoes the unit, producing the same bytes.
@@ -33,7 +42,7 @@ from gemmakit.data import decontam, dedup, filters
 from gemmakit.data.pii import redact_all
 from gemmakit.data.recipe import DataRecipe, Stage
 from gemmakit.data.shards import ShardWriter
-from gemmakit.data.sources import Doc, Quarantine, SourceStats, read_source
+from gemmakit.data.sources import Doc, Quarantine, SourceStats, chat_text, read_source
 
 SIG_BATCH = 4096  # texts held for one vectorised signature call (~10 MB of text, not the whole shard)
 EXAMPLE_CHARS = 300  # a removed document's first and last characters kept for the report
@@ -103,6 +112,8 @@ def _segment0_docs(recipe: DataRecipe, units: list[Unit], stats: StepStats,
                                   "max_line_bytes": src.max_line_bytes, "quarantine": quarantine, "stats": st}  # fmt: skip
         if src.format == "chat":
             kwargs["chat"] = True
+        elif src.format == "preference":
+            kwargs["preference"] = True
         if unit.byte_range is not None:
             kwargs["byte_range"] = unit.byte_range
         for doc in read_source(unit.path, **kwargs):
@@ -150,11 +161,57 @@ def _drop(
         shown.append(_example(doc, name))
 
 
-def _record(doc: Doc, name: str, chat: bool) -> dict:
-    """The kept document as written to kept/: its original fields, the id, and the (filtered) text."""
+def _judge_doc(built: list[Any], doc: Doc) -> tuple[Doc | None, str, Doc, list[str]]:
+    """(the document or None, the drop reason, the document the dropping filter saw, modified reasons)."""
+    modified = []
+    for fn in built:
+        new, reason = fn(doc)
+        if new is None:
+            return None, reason, doc, modified
+        if reason:
+            modified.append(reason)
+        doc = new
+    return doc, "", doc, modified
+
+
+def _judge_pair(built: list[Any], doc: Doc) -> tuple[Doc | None, str, Doc, list[str]]:
+    """`_judge_doc` for a preference pair: each answer is judged as the chat document prompt + answer.
+
+    Stage by stage, chosen then rejected: the pair is dropped at the first stage either answer fails,
+    once, under that answer's reason (the report's example is that answer's conversation). A rewrite
+    (pii_redacted) counts once per stage however many answers it changed; the prompt kept is the
+    chosen side's (filters are pure per turn, so both sides rewrite it alike)."""
+    pair = doc.meta["preference"]
+    base = {k: v for k, v in doc.meta.items() if k != "preference"}
+    n = len(pair["prompt"])
+    sides = [
+        Doc(doc.id, chat_text(turns), {**base, "messages": turns})
+        for turns in (pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"])
+    ]
+    modified = []
+    for fn in built:
+        reasons = []
+        for i, side in enumerate(sides):
+            new, reason = fn(side)
+            if new is None:
+                return None, reason, side, modified
+            if reason and reason not in reasons:
+                reasons.append(reason)
+            sides[i] = new
+        modified += reasons
+    chosen, rejected = (s.meta["messages"] for s in sides)
+    record = {**pair, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    return Doc(doc.id, chat_text(chosen + rejected[n:]), {**base, "preference": record}), "", doc, modified
+
+
+def _record(doc: Doc, name: str, fmt: str) -> dict:
+    """The kept document as written to kept/: its original fields, the id, and the (filtered) text; a
+    preference pair as the normalised row `data.preference.read_preference_jsonl` reads."""
     meta = dict(doc.meta)
-    if chat:
+    if fmt == "chat":
         return {"id": doc.id, "messages": meta.pop("messages"), **meta, "corpus": name}
+    if fmt == "preference":
+        return {"id": doc.id, **meta.pop("preference"), **meta, "corpus": name}
     return {"id": doc.id, "text": doc.text, **meta, "corpus": name}
 
 
@@ -181,30 +238,29 @@ def run_segment(recipe: DataRecipe, out: Path, seg: int, stages: list[Stage], sh
             src = recipe.sources[src_idx]
             stats.docs_in += 1
             stats.source(src.name)["docs_in"] += 1
-            for fn in built:
-                new, reason = fn(doc)
-                if new is None:
-                    _drop(stats, src.name, doc, reason, recipe)
-                    break
-                if reason:
-                    stats.modified[reason] += 1
-                doc = new
+            judge = _judge_pair if src.format == "preference" else _judge_doc
+            new, reason, judged, modified = judge(built, doc)
+            stats.modified.update(modified)
+            if new is None:
+                _drop(stats, src.name, judged, reason, recipe)
+                continue
+            doc = new
+            stats.kept += 1
+            stats.source(src.name)["kept"] += 1
+            if last:
+                f.write(
+                    json.dumps(_record(doc, src.name, src.format), ensure_ascii=False, default=str) + "\n"
+                )
+                if tokens is not None and src.format == "text" and doc.text:
+                    tokens.add(doc.text, src_idx)
             else:
-                stats.kept += 1
-                stats.source(src.name)["kept"] += 1
-                if last:
-                    f.write(json.dumps(_record(doc, src.name, src.format == "chat"), ensure_ascii=False,
-                                       default=str) + "\n")  # fmt: skip
-                    if tokens is not None and src.format == "text" and doc.text:
-                        tokens.add(doc.text, src_idx)
-                else:
-                    rec = {"id": doc.id, "src": src_idx, "text": doc.text, "meta": doc.meta}
-                    f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-                    if next_dedup is not None:
-                        pending.append(doc.text)
-                        if len(pending) == SIG_BATCH:
-                            sigs.append(dedup.signatures(pending, next_dedup))
-                            pending = []
+                rec = {"id": doc.id, "src": src_idx, "text": doc.text, "meta": doc.meta}
+                f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                if next_dedup is not None:
+                    pending.append(doc.text)
+                    if len(pending) == SIG_BATCH:
+                        sigs.append(dedup.signatures(pending, next_dedup))
+                        pending = []
     if seg == 0:
         quarantine.close()
     if next_dedup is not None:

@@ -13,8 +13,9 @@ exactly one bucket, so lines = docs + blank + sum(malformed):
 - blank: only whitespace; skipped and counted;
 - malformed, by category: invalid_utf8, invalid_json (a torn last line lands here), not_object,
   missing_text, text_not_string, line_too_long, json_too_deep (nesting past Python's recursion limit,
-  e.g. 100k `[`: json.loads raises RecursionError, not ValueError). Each is written to the quarantine sidecar with its
-  file:line and the first 1000 bytes of the line.
+  e.g. 100k `[`: json.loads raises RecursionError, not ValueError), bad_messages (chat: not a list
+  of {role, content} turns), bad_preference (a row `data.preference.parse_preference` rejects).
+  Each is written to the quarantine sidecar with its file:line and the first 1000 bytes of the line.
 
 Key trade-off: lines longer than `max_line_bytes` (16 MiB by default) are quarantined without being
 held in memory (read in 1 MiB pieces), bounding memory on a corrupt file with a 100 MB "line" at the
@@ -34,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from gemmakit.data.preference import PreferenceDataError, pair_record, parse_preference
 from gemmakit.errors import UserError
 
 MALFORMED = ("invalid_utf8", "invalid_json", "json_too_deep", "not_object", "missing_text", "text_not_string",
-             "line_too_long", "bad_messages")  # fmt: skip
+             "line_too_long", "bad_messages", "bad_preference")  # fmt: skip
 MODEL_ROLES = ("model", "assistant")  # the speaker whose turns SFT trains on (Gemma says "model")
 _GZIP, _ZSTD, _PARQUET = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"PAR1"
 _BOM = b"\xef\xbb\xbf"
@@ -220,11 +222,14 @@ def _seek_line(f: IO[bytes], start: int) -> tuple[int, int]:
 def read_jsonl(path: str | Path, *, text_field: str = "text", id_field: str = "id",
                quarantine: Quarantine | None = None, stats: SourceStats | None = None,
                max_line_bytes: int = 16 << 20, chat: bool = False, byte_range: tuple[int, int] | None = None,
-               ) -> Iterator[Doc]:  # fmt: skip
+               preference: bool = False) -> Iterator[Doc]:  # fmt: skip
     """Documents of a JSONL file (plain, gzip or zstd); bad lines go to `quarantine`, counts to `stats`.
 
     With `chat=True`, `text_field` names a list of {"role": str, "content": str} turns (SFT data, e.g.
     "messages"): the Doc keeps the turns in `meta["messages"]` and its text is `chat_text(turns)`.
+    With `preference=True` (`text_field` unused), each line is a TRL preference row read by
+    `data.preference.parse_preference` (a rejected row is quarantined as "bad_preference"): the Doc keeps
+    the normalised pair in `meta["preference"]` and its text is `chat_text(prompt + chosen + rejected)`.
     `byte_range=(start, end)` (plain files only) reads just the lines whose first byte is in [start, end),
     with their true line numbers: how the pipeline splits one big file between shards."""
     path, stats = Path(path), stats if stats is not None else SourceStats()
@@ -242,7 +247,8 @@ def read_jsonl(path: str | Path, *, text_field: str = "text", id_field: str = "i
                     break
                 pos += consumed
                 stats.lines += 1
-                doc, category = _judge(raw, n, ended, too_long, path, text_field, id_field, stats, chat)
+                doc, category = _judge(raw, n, ended, too_long, path, text_field, id_field, stats, chat,
+                                       preference)  # fmt: skip
                 if doc is not None:
                     stats.docs += 1
                     yield doc
@@ -261,7 +267,8 @@ def read_jsonl(path: str | Path, *, text_field: str = "text", id_field: str = "i
 
 
 def _judge(raw: bytes, n: int, ended: bool, too_long: bool, path: Path, text_field: str, id_field: str,
-           stats: SourceStats, chat: bool = False) -> tuple[Doc | None, str]:  # fmt: skip
+           stats: SourceStats, chat: bool = False,
+           preference: bool = False) -> tuple[Doc | None, str]:  # fmt: skip
     """(the document, "") or (None, the bucket) for one line."""
     if too_long:
         return None, "line_too_long"
@@ -285,6 +292,8 @@ def _judge(raw: bytes, n: int, ended: bool, too_long: bool, path: Path, text_fie
         return None, "json_too_deep"
     if not isinstance(obj, dict):
         return None, "not_object"
+    if preference:
+        return _preference_doc(obj, n, ended, path, id_field, stats)
     if text_field not in obj:
         return None, "missing_text"
     text = turns = obj[text_field]
@@ -301,6 +310,22 @@ def _judge(raw: bytes, n: int, ended: bool, too_long: bool, path: Path, text_fie
     if chat:
         meta["messages"] = turns  # the conversation itself; filters read and rewrite its turns here
     meta.update(source=str(path), line=n)
+    return Doc(str(doc_id) if doc_id is not None else f"{path.name}:{n}", text, meta), ""
+
+
+def _preference_doc(obj: dict, n: int, ended: bool, path: Path, id_field: str,
+                    stats: SourceStats) -> tuple[Doc | None, str]:  # fmt: skip
+    try:
+        pair = parse_preference(obj, f"{path}:{n}")
+    except PreferenceDataError:
+        return None, "bad_preference"
+    if not ended:
+        stats.repaired["no_final_newline"] += 1
+    record = pair_record(pair)
+    meta = {k: v for k, v in obj.items() if k not in record and k != "margin"}
+    meta.update(preference=record, source=str(path), line=n)
+    doc_id = obj.get(id_field)
+    text = chat_text(record["prompt"] + record["chosen"] + record["rejected"])
     return Doc(str(doc_id) if doc_id is not None else f"{path.name}:{n}", text, meta), ""
 
 
@@ -381,6 +406,8 @@ def read_source(path: str | Path, **kwargs: Any) -> Iterator[Doc]:
     if not path.exists():
         raise SourceError(f"{path}: no such file or directory")
     kind = sniff(path)
+    if kwargs.get("preference") and kind in ("directory", "parquet"):
+        raise SourceError(f"{path}: preference sources must be JSONL (plain, gzip or zstd), this is a {kind}")
     if kind == "directory":
         kwargs.pop("text_field", None), kwargs.pop("id_field", None), kwargs.pop("max_line_bytes", None)
         return read_text_dir(path, **kwargs)

@@ -140,17 +140,26 @@ class Engine:
         top_p: float | None = None,
         seed: int | None = None,
         stop_tokens: Iterable[int] | None = None,
+        include_stop: bool = False,
     ) -> Iterator[list[int | None]]:
         """Yield one list per decode step: entry i is row i's new token, or None once row i has stopped.
 
-        A row stops at its first stop token, which is never yielded; steps where every row is None
+        A row stops at its first stop token, which is yielded only with `include_stop` (RL rollouts
+        need to know which stop id ended a row and train on it); steps where every row is None
         are not yielded, so a single-prompt caller can use `step[0]` as an int. Concatenating the
         non-None entries of row i over all steps gives exactly `generate(...)[i]`. Arguments are
         checked here, before the first step is requested; the model first runs on the first `next`.
         """
         stops = self._check(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
         return self._steps(
-            [[int(t) for t in p] for p in prompts], max_new_tokens, temperature, top_k, top_p, seed, stops
+            [[int(t) for t in p] for p in prompts],
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stops,
+            include_stop,
         )
 
     def _steps(
@@ -162,6 +171,7 @@ class Engine:
         top_p: float | None,
         seed: int | None,
         stops: frozenset[int],
+        include_stop: bool = False,
     ) -> Iterator[list[int | None]]:
         """The decode loop behind `stream`, on already-validated arguments."""
         if not prompts or max_new_tokens == 0:
@@ -185,11 +195,14 @@ class Engine:
                 new = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             out: list[int | None] = []
             for row, tok in enumerate(new.tolist()):
+                stopped_now = not done[row] and tok in stops
                 done[row] = done[row] or tok in stops
-                out.append(None if done[row] else tok)
-            if all(done):
+                out.append(tok if (stopped_now and include_stop) or not done[row] else None)
+            if all(t is None for t in out):
                 return
             yield out
+            if all(done):
+                return
             if step + 1 < max_new_tokens:
                 logits = self.decode_one(new, next_pos + step, cache)  # rows that stopped are fed too
 
@@ -202,14 +215,18 @@ class Engine:
         top_p: float | None = None,
         seed: int | None = None,
         stop_tokens: Iterable[int] | None = None,
+        include_stop: bool = False,
     ) -> list[list[int]]:
-        """Per prompt, only the NEW tokens, ending before the first stop token (which is dropped).
+        """Per prompt, only the NEW tokens, ending before the first stop token (which is dropped, or
+        kept as the last token with `include_stop`).
 
         Rows that stopped stop growing while others go on; the loop ends when every row stopped or
         after `max_new_tokens` steps. An empty `prompts` list returns []. See `stream` for the rest.
         """
         out: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens):
+        for step in self.stream(
+            prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, include_stop
+        ):
             for row, tok in enumerate(step):
                 if tok is not None:
                     out[row].append(tok)

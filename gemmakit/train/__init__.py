@@ -1,4 +1,4 @@
-"""Training: one loop for pretraining, SFT and LoRA, single process or torch.distributed (DDP / FSDP2).
+"""Training: one loop for pretraining, SFT, LoRA, reward models, DPO and RL, one process or torch.distributed.
 
 Where it sits: after `data` (token shards, the packing loader), before `eval` and `cli`. The modules,
 bottom to top:
@@ -10,10 +10,15 @@ bottom to top:
 - `checkpoints`: atomic, checksummed step directories; discovery skips corrupt ones; retention.
 - `loop`: `fit`, THE loop: accumulation, clipping, non-finite halting, metrics, eval, checkpoints.
 - `pretrain` / `sft`: the batch sources of each method.
+- `pairs`: preference pairs as ids and padded batches; `reward` (Bradley-Terry reward model, HF
+  sequence-classification export), `dpo` (DPO / IPO against cached reference log-probs) and `rl`
+  (rollouts from `infer.Engine`, RLOO advantages, clipped ratio): objectives and batch sources.
+- `align`: the data, reference and objective of an alignment run, for `run`.
 - `run`: a whole run from a recipe (model, tokenizer, data, LoRA, wrapping, final export).
 
-Key trade-off: methods differ only in batches and loss mask, so every fix to the loop reaches them all;
-a method that needs a different objective (reward models, DPO) adds a loss module, not a loop.
+Key trade-off: methods differ only in batches and objective, so every fix to the loop reaches them
+all; a method adds a loss module (forward(**batch) -> loss sum, statistics; `units` it is normalised
+by) and a batch source, not a loop.
 """
 
 from gemmakit.train.loop import Hooks, NonFiniteError, Result, TrainError, fit

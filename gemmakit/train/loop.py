@@ -1,13 +1,19 @@
-"""THE training loop: every method (pretraining, SFT, LoRA, ...) runs through `fit`.
+"""THE training loop: every method (pretraining, SFT, LoRA, reward models, DPO, RL) runs through `fit`.
 
-Where it sits: `train.run` builds a loss module (`objectives.NextTokenLoss` around the model, maybe
-wrapped by DDP / FSDP2) and batch sources, then calls `fit`. Methods differ only in the batches
-they give and the objective; accumulation, clipping, the schedule, non-finite halting, metrics,
-evaluation and checkpoints live here once (litgpt#1073 / torchtune#2307: per-recipe loops drift).
+Where it sits: `train.run` builds a loss module (`objectives.NextTokenLoss` around the model, or
+`reward.RewardLoss`, `dpo.DPOLoss`, `rl.RLLoss`; maybe wrapped by DDP / FSDP2) and batch sources,
+then calls `fit`. Methods differ only in the batches they give and the objective; accumulation,
+clipping, the schedule, non-finite halting, metrics, evaluation and checkpoints live here once
+(litgpt#1073 / torchtune#2307: per-recipe loops drift).
 
-One optimizer step: draw `grad_accum` micro-batches, count their target tokens over all ranks,
+A loss module's forward takes a batch's tensors as keyword arguments and returns the loss SUM over
+its units (or that and a dict of statistic sums, logged as per-unit means); its `units(batch)` says
+what the sum counts: target tokens (the default), preference pairs, or RL sequences. A batch source
+with a `metrics()` method (RL rollouts: reward, KL, lengths) adds those to each step's record.
+
+One optimizer step: draw `grad_accum` micro-batches, count their units over all ranks,
 backpropagate each micro-batch's loss SUM divided by that global count (times the world size,
-because DDP / FSDP average gradients over ranks), so the gradient is that of the global per-token
+because DDP / FSDP average gradients over ranks), so the gradient is that of the global per-unit
 mean whatever the split. Then the global gradient norm is computed and clipped; a non-finite loss
 or norm halts BEFORE `optimizer.step()` (torchtitan#916: skipping hides bugs), naming the step and
 the last good checkpoint, and nothing is saved after it.
@@ -62,7 +68,8 @@ class NonFiniteError(TrainError):
 
 
 class Batches(Protocol):
-    """A resumable source of micro-batches: dicts of CPU tensors ("tokens" (B, T+1), maybe "loss_mask")."""
+    """A resumable source of micro-batches: dicts of CPU tensors, the loss module's keyword arguments
+    ("tokens" (B, T+1) and maybe "loss_mask" for next-token losses)."""
 
     def next_batch(self) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
@@ -140,26 +147,51 @@ def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
+def units_of(module: nn.Module) -> Callable[[dict], int]:
+    """The loss module's normalising count of a batch (`units(batch)`: target tokens for next-token
+    losses, pairs for reward models and DPO, sequences for RL), looked up through a DDP wrapper."""
+    inner = getattr(module, "module", module)
+    return getattr(inner, "units", count_targets)
+
+
+def _call(module: nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """module(**batch) -> (loss sum, statistic sums); a plain tensor result has no statistics."""
+    out = module(**{k: v.to(device) for k, v in batch.items()})
+    return (out, {}) if isinstance(out, torch.Tensor) else out
+
+
+def _reduce_stats(sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    """Per-unit means over all ranks of the statistic sums (keys sorted: every rank reduces the same list)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    total = dist.all_reduce_sum(torch.stack([sums[k].detach().double().cpu() for k in keys]))
+    return {k: float(v) / n for k, v in zip(keys, total.tolist(), strict=True)}
+
+
 def _step(module: nn.Module, opt: torch.optim.Optimizer, micro: list[dict], recipe: Recipe, step: int,
-          device: torch.device, hooks: Hooks) -> tuple[float, float, int]:  # fmt: skip
-    """One optimizer step (or a NonFiniteError before it); returns (loss, grad norm, target tokens).
+          device: torch.device, hooks: Hooks) -> tuple[float, float, int, dict[str, float]]:  # fmt: skip
+    """One optimizer step (or a NonFiniteError before it); returns (loss, grad norm, units, statistics).
 
     `step` is the 0-based index of the step (what `on_micro` receives); messages name `step + 1`, the
     number metrics.jsonl and the progress line give the same step, so a halt and the log agree."""
-    n = int(dist.all_reduce_sum(torch.tensor(float(sum(count_targets(b) for b in micro)))).item())
+    units = units_of(module)
+    n = int(dist.all_reduce_sum(torch.tensor(float(sum(units(b) for b in micro)))).item())
     if n == 0:
         raise TrainError(f"step {step + 1}: the batch has no target tokens (every loss_mask is 0)")
     scale = dist.world_size() / n
     total = torch.zeros((), dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro):
         if hooks.on_micro:
             hooks.on_micro(step, i)
-        tokens = batch["tokens"].to(device)
-        mask = batch["loss_mask"].to(device) if "loss_mask" in batch else None
         with _no_sync(module, i == len(micro) - 1), _autocast(device, recipe.loop.dtype):
-            loss_sum = module(tokens, mask)
+            loss_sum, stats = _call(module, batch, device)
         (loss_sum * scale).backward()
         total += loss_sum.detach().double().cpu()
+        for k, v in stats.items():
+            sums[k] = sums[k] + v.detach().double().cpu() if k in sums else v.detach().double().cpu()
     loss = dist.all_reduce_sum(total).item() / n
     params = [p for p in module.parameters() if p.grad is not None]
     clip = recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else math.inf
@@ -170,24 +202,28 @@ def _step(module: nn.Module, opt: torch.optim.Optimizer, micro: list[dict], reci
         raise NonFiniteError(f"step {step + 1}: loss {loss} / gradient norm {norm}")
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss, norm, n
+    return loss, norm, n, _reduce_stats(sums, n)
 
 
 def evaluate(module: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-             dtype: str = "float32") -> float:  # fmt: skip
-    """Mean per-token loss over `batches` (summed over ranks)."""
+             dtype: str = "float32") -> tuple[float, dict[str, float]]:  # fmt: skip
+    """Mean per-unit loss over `batches` (summed over ranks) and the loss module's statistics."""
     was_training = module.training
     module.eval()
+    units = units_of(module)
     total, n = torch.zeros((), dtype=torch.float64), 0
+    sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in batches:
-            mask = batch["loss_mask"].to(device) if "loss_mask" in batch else None
             with _autocast(device, dtype):
-                total += module(batch["tokens"].to(device), mask).double().cpu()
-            n += count_targets(batch)
+                loss_sum, stats = _call(module, batch, device)
+            total += loss_sum.double().cpu()
+            for k, v in stats.items():
+                sums[k] = sums[k] + v.double().cpu() if k in sums else v.double().cpu()
+            n += units(batch)
     module.train(was_training)
     n = int(dist.all_reduce_sum(torch.tensor(float(n))).item())
-    return dist.all_reduce_sum(total).item() / max(n, 1)
+    return dist.all_reduce_sum(total).item() / max(n, 1), _reduce_stats(sums, max(n, 1))
 
 
 def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
@@ -211,6 +247,8 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
         seed_everything(cfg.seed + dist.rank())
     metrics.truncate_after(start)
     module.train()
+    # what `units` counts, as the metrics key: "target_tokens", or "pairs" / "sequences" for alignment
+    unit_name = getattr(getattr(module, "module", module), "unit_name", "target_tokens")
     losses, tokens_per_step, target_tokens = [], None, 0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -220,22 +258,25 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
         micro = [train.next_batch() for _ in range(cfg.grad_accum)]
         tokens_per_step = sum(b["tokens"][:, :-1].numel() for b in micro) * dist.world_size()
         try:
-            loss, norm, n = _step(module, opt, micro, recipe, step, device, hooks)
+            loss, norm, n, stats = _step(module, opt, micro, recipe, step, device, hooks)
         except NonFiniteError as e:
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise NonFiniteError(f"{e} is not finite; halted before the optimizer step ({where})") from None
         losses.append(loss)
         target_tokens += n
         dt = time.perf_counter() - t0
-        record = {"step": step + 1, "total_steps": cfg.steps, "loss": loss, "lr": lr, "grad_norm": norm, "target_tokens": n,
-                  "tokens_per_s": tokens_per_step / dt, "step_s": dt}  # fmt: skip
+        record = {"step": step + 1, "total_steps": cfg.steps, "loss": loss, "lr": lr, "grad_norm": norm, unit_name: n,
+                  "tokens_per_s": tokens_per_step / dt, "step_s": dt, **stats}  # fmt: skip
+        if hasattr(train, "metrics"):  # what the batch source measured (RL: rewards, KL, lengths)
+            record.update(train.metrics())
         if cfg.peak_flops > 0:
             record["mfu"] = (
                 6 * _n_params(module) * tokens_per_step / dt / (cfg.peak_flops * dist.world_size())
             )
         done = step + 1
         if hooks.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-            record["val_loss"] = evaluate(module, hooks.val_batches(), device, cfg.dtype)
+            record["val_loss"], val_stats = evaluate(module, hooks.val_batches(), device, cfg.dtype)
+            record.update({f"val_{k}": v for k, v in val_stats.items()})
         if done % cfg.log_every == 0 or done == cfg.steps or "val_loss" in record or step == start:
             metrics.write(record)
             if hooks.on_log and dist.rank() == 0:

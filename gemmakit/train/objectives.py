@@ -77,6 +77,8 @@ class NextTokenLoss(nn.Module):
     run in `__call__`), while the head still runs chunk by chunk on hidden states.
     """
 
+    units = staticmethod(count_targets)  # the loop normalises by the target tokens of the whole step
+
     def __init__(self, model: nn.Module, chunk: int = 256) -> None:
         super().__init__()
         self.model, self.chunk = model, chunk
@@ -85,3 +87,42 @@ class NextTokenLoss(nn.Module):
         batch = {"tokens": tokens} if loss_mask is None else {"tokens": tokens, "loss_mask": loss_mask}
         hidden = self.model.hidden(tokens[:, :-1])  # (B, T, dim)
         return chunked_cross_entropy(self.model, hidden, targets_of(batch), self.chunk)
+
+
+# ---- per-token log-probabilities (DPO, RL) ---------------------------------------------------------------
+
+
+def _chunk_logps(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(log p(target), entropy) per position of one chunk; logits in float32, divided by `temperature`
+    first (the distribution sampling drew from), log p as logit - logsumexp (TRL's selective_log_softmax)."""
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():  # entropy is logged, never trained on
+        probs = torch.softmax(logits, dim=-1)
+        entropy = lse - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def token_logps(model: nn.Module, tokens: torch.Tensor, *, temperature: float = 1.0, chunk: int = 256
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(log p(tokens[:, t+1] | tokens[:, :t+1]), entropy) for t < T-1: two (B, T-1) float32 tensors.
+
+    The head runs `chunk` positions at a time under activation checkpointing when the (B, T, V) logits
+    would exceed WHOLE_LOGITS_BYTES, as in `chunked_cross_entropy`. Rows are right-padded; callers mask."""
+    hidden = model.hidden(tokens[:, :-1])
+    targets = tokens[:, 1:]
+    b, t, _ = hidden.shape
+    if b * t * head_rows(model) * 4 <= WHOLE_LOGITS_BYTES:
+        return _chunk_logps(model.head, hidden, targets, temperature)
+    parts = []
+    for t0 in range(0, t, chunk):
+        h, y = hidden[:, t0 : t0 + chunk], targets[:, t0 : t0 + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_logps, model.head, h, y, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(model.head, h, y, temperature))
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)

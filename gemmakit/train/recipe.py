@@ -3,7 +3,8 @@
 Where it sits: read by `gemmakit train --recipe X.toml [--set key=value ...]` and by `train.run`; it
 only describes a run (model, data, optimizer, loop, LoRA, parallelism), nothing here trains. A
 recipe is a TOML table per section (`[model]`, `[data]`, `[optim]`, `[loop]`, `[lora]`,
-`[parallel]`) plus top-level `method` ("pretrain" or "sft"); every key maps to a dataclass field.
+`[parallel]`, and for alignment `[reward]`, `[dpo]`, `[rl]`, `[reference]`) plus top-level `method`
+("pretrain", "sft", "reward", "dpo" or "rl"); every key maps to a dataclass field.
 
 Key trade-off: unknown sections and keys are errors (nanoGPT#64: a typo'd key silently kept its
 default), and `--set` overrides go through the same checks, so a recipe says exactly what ran.
@@ -21,7 +22,7 @@ from typing import Any
 from gemmakit.config import dataclass_from_table, read_toml
 from gemmakit.errors import UserError
 
-METHODS = ("pretrain", "sft")
+METHODS = ("pretrain", "sft", "reward", "dpo", "rl")
 
 
 class RecipeError(UserError):
@@ -49,16 +50,18 @@ class ModelSection:
 class DataSection:
     """Where batches come from."""
 
-    # pretrain: a shard directory (`gemmakit shards`); sft: a chat JSONL file.
+    # pretrain: a shard directory (`gemmakit shards`); sft: a chat JSONL file; reward, dpo: preference
+    # pairs JSONL (TRL's {"prompt", "chosen", "rejected"}); rl: prompt rows JSONL ({"messages": [...]}).
     path: str = ""
     # Held-out data for periodic evaluation (same kind as `path`); "" = no eval for pretrain, and for
     # sft the `val_fraction` split of `path`.
     val_path: str = ""
     # sft only: fraction of examples held out for eval when val_path is empty (chosen by a seeded hash).
     val_fraction: float = 0.0
-    # Tokens per row (the model sees seq_len inputs and predicts seq_len targets).
+    # Tokens per row (the model sees seq_len inputs and predicts seq_len targets); reward, dpo: the
+    # longest prompt + completion kept (longer pairs are dropped); rl: the longest prompt + rl.max_new_tokens.
     seq_len: int = 256
-    # Rows per micro-batch on each rank.
+    # Rows per micro-batch on each rank (reward, dpo: pairs; rl: prompts, each sampled rl.k times).
     batch_size: int = 8
     # Tokenizer directory or tokenizer.model file; "" = the one next to model.init_from or data.path.
     tokenizer: str = ""
@@ -138,6 +141,66 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class RewardSection:
+    """method "reward": a scalar head on the model, Bradley-Terry loss on preference pairs."""
+
+    # TRL's center_rewards_coefficient: adds coef * (r_chosen + r_rejected)^2 per pair (0 = off; 0.01
+    # is TRL's suggestion) so scores stay near zero, which the loss alone (differences only) does not do.
+    center_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class DPOSection:
+    """method "dpo": the policy against a frozen reference on preference pairs."""
+
+    # Inverse temperature of the implicit reward (TRL's default 0.1); higher keeps closer to the reference.
+    beta: float = 0.1
+    # "sigmoid" (DPO) or "ipo" (squared loss on per-token log-ratios, target 1 / (2 beta)).
+    loss: str = "sigmoid"
+
+
+@dataclass(frozen=True)
+class RLSection:
+    """method "rl": sample k completions per prompt, reward them, RLOO advantages, clipped ratio."""
+
+    # Completions per prompt (TRL's num_generations); the leave-one-out baseline needs >= 2.
+    k: int = 2
+    # KL penalty coefficient: reward - beta * sum_t (log pi_old - log pi_ref) (TRL RLOO's 0.05).
+    beta: float = 0.05
+    # Clip range of the ratio: [1 - epsilon, 1 + epsilon_high]; epsilon_high 0 means epsilon.
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0
+    # "sequence" (RLOO: one ratio per completion) or "token" (PPO / GRPO-style, per token).
+    ratio: str = "sequence"
+    # Optimizer steps per batch of rollouts (TRL's num_iterations); > 1 reuses them, where clipping acts.
+    iterations: int = 1
+    # Sampling of the rollouts; log-probs divide the logits by the same temperature.
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    # Longest completion in tokens; a row that reaches it without a stop token is kept, truncated.
+    max_new_tokens: int = 64
+    # Normalise advantages over the micro-batch (mean 0, std 1).
+    normalize_advantages: bool = False
+    # A reward model directory (`gemmakit train` method "reward" writes one to RUN/final).
+    reward_model: str = ""
+    # A verifiable reward: "package.module:function" called as fn(prompts, completions, **columns).
+    reward_fn: str = ""
+    # Weights of the two sources when both are set (their weighted sum is the reward).
+    reward_model_weight: float = 1.0
+    reward_fn_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReferenceSection:
+    """The frozen reference of DPO and RL."""
+
+    # A model directory; "" = the policy's starting weights (model.init_from, or the seeded init),
+    # which under LoRA is the frozen base itself (no second copy).
+    path: str = ""
+
+
+@dataclass(frozen=True)
 class ParallelSection:
     """How several processes (torchrun) share the work."""
 
@@ -150,7 +213,9 @@ class ParallelSection:
 class Recipe:
     """A whole training run."""
 
-    # "pretrain" (next-token loss on packed shards) or "sft" (loss on model turns of chat data).
+    # "pretrain" (next-token loss on packed shards), "sft" (loss on model turns of chat data), "reward"
+    # (a reward model on preference pairs), "dpo" (preference pairs vs a reference) or "rl" (prompts,
+    # sampled completions, rewards: RLOO).
     method: str = "pretrain"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -158,6 +223,10 @@ class Recipe:
     loop: LoopSection = field(default_factory=LoopSection)
     lora: LoraSection = field(default_factory=LoraSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    rl: RLSection = field(default_factory=RLSection)
+    reference: ReferenceSection = field(default_factory=ReferenceSection)
 
     def __post_init__(self) -> None:
         checks = [
@@ -234,6 +303,27 @@ class Recipe:
             ),  # fmt: skip
             (self.optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.optim.warmup_steps),
             (self.optim.grad_clip >= 0, "optim.grad_clip", ">= 0", self.optim.grad_clip),
+            (self.reward.center_coef >= 0, "reward.center_coef", ">= 0", self.reward.center_coef),
+            (self.dpo.beta > 0, "dpo.beta", "> 0", self.dpo.beta),
+            (self.dpo.loss in ("sigmoid", "ipo"), "dpo.loss", "sigmoid or ipo", self.dpo.loss),
+            (self.rl.k >= 2, "rl.k", ">= 2 (the leave-one-out baseline needs siblings)", self.rl.k),
+            (self.rl.beta >= 0, "rl.beta", ">= 0", self.rl.beta),
+            (0 < self.rl.epsilon < 1, "rl.epsilon", "in (0, 1)", self.rl.epsilon),
+            (self.rl.epsilon_high >= 0, "rl.epsilon_high", ">= 0 (0 = rl.epsilon)", self.rl.epsilon_high),
+            (self.rl.ratio in ("sequence", "token"), "rl.ratio", "sequence or token", self.rl.ratio),
+            (self.rl.iterations >= 1, "rl.iterations", ">= 1", self.rl.iterations),
+            (self.rl.temperature > 0, "rl.temperature", "> 0", self.rl.temperature),
+            (self.rl.top_k >= 0, "rl.top_k", ">= 0 (0 = off)", self.rl.top_k),
+            (0 < self.rl.top_p <= 1, "rl.top_p", "in (0, 1]", self.rl.top_p),
+            (self.rl.max_new_tokens >= 1, "rl.max_new_tokens", ">= 1", self.rl.max_new_tokens),
+            (
+                self.method != "rl"
+                or self.rl.iterations == 1
+                or self.loop.save_every % self.rl.iterations == 0,
+                "loop.save_every",
+                f"a multiple of rl.iterations ({self.rl.iterations}): reused rollouts are not checkpointed",
+                self.loop.save_every,
+            ),
         ]
         for ok, key, want, got in checks:
             if not ok:
@@ -247,6 +337,10 @@ _SECTION_CLASSES = {
     "loop": LoopSection,
     "lora": LoraSection,
     "parallel": ParallelSection,
+    "reward": RewardSection,
+    "dpo": DPOSection,
+    "rl": RLSection,
+    "reference": ReferenceSection,
 }
 
 

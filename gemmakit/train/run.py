@@ -29,6 +29,8 @@ from gemmakit.memory import available_bytes, gib
 from gemmakit.model import Gemma, param_count
 from gemmakit.tokenizer import Tokenizer
 from gemmakit.train import distributed as dist
+from gemmakit.train.align import ALIGN_METHODS
+from gemmakit.train.align import setup as align_setup
 from gemmakit.train.loop import Hooks, Result, fit
 from gemmakit.train.objectives import NextTokenLoss
 from gemmakit.train.recipe import Recipe, RecipeError, recipe_to_dict
@@ -115,7 +117,8 @@ def _step_bytes(recipe: Recipe, cfg: ModelConfig, weights: int, trainable: int) 
     """`training_bytes` from its parts: weight bytes, trainable parameter count, the batch's activations."""
     act_bytes = 2 if recipe.loop.dtype == "bfloat16" else 4
     per_token = cfg.n_layers * (4 * cfg.dim + 3 * cfg.hidden_dim) * act_bytes
-    return weights + 3 * 4 * trainable + recipe.data.batch_size * recipe.data.seq_len * per_token
+    rows = recipe.data.batch_size * {"reward": 2, "dpo": 2, "rl": recipe.rl.k}.get(recipe.method, 1)
+    return weights + 3 * 4 * trainable + rows * recipe.data.seq_len * per_token
 
 
 def check_memory(recipe: Recipe, model: Gemma, device: torch.device) -> None:
@@ -150,17 +153,25 @@ def _fingerprint(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> dict:
                "data.seq_len": recipe.data.seq_len, "data.batch_size": recipe.data.batch_size,
                "loop.grad_accum": recipe.loop.grad_accum, "loop.seed": recipe.loop.seed,
                "lora": json.dumps(dataclasses.asdict(recipe.lora), sort_keys=True)})  # fmt: skip
+    section = {"reward": recipe.reward, "dpo": recipe.dpo, "rl": recipe.rl}.get(recipe.method)
+    if section is not None:  # a resumed alignment run must optimise the same objective
+        fp[recipe.method] = json.dumps(dataclasses.asdict(section), sort_keys=True)
+        fp["reference.path"] = recipe.reference.path
     return fp
 
 
+_FILE_KIND = {"sft": "a chat JSONL file", "reward": "a preference-pairs JSONL file",
+              "dpo": "a preference-pairs JSONL file", "rl": "a prompts JSONL file"}  # fmt: skip
+
+
 def _check_data_kind(method: str, key: str, path: Path | None) -> None:
-    """pretrain reads a token shard directory, sft a chat JSONL file; the other kind is named as such
-    rather than failing inside the reader with an IsADirectoryError or a shard-index error."""
+    """pretrain reads a token shard directory, the other methods a JSONL file; the other kind is named as
+    such rather than failing inside the reader with an IsADirectoryError or a shard-index error."""
     if path is None or not path.exists():
         return  # the readers name a missing path themselves
-    if method == "sft" and path.is_dir():
+    if method != "pretrain" and path.is_dir():
         raise RecipeError(f"{key}: {path} is a directory (token shards are for method = \"pretrain\"); "
-                          "method = \"sft\" reads a chat JSONL file")  # fmt: skip
+                          f"method = \"{method}\" reads {_FILE_KIND[method]}")  # fmt: skip
     if method == "pretrain" and not path.is_dir():
         raise RecipeError(f"{key}: {path} is a file; method = \"pretrain\" reads a token shard directory "
                           "(`gemmakit shards`), method = \"sft\" a chat JSONL file")  # fmt: skip
@@ -203,7 +214,10 @@ def _batches(recipe: Recipe, tokenizer: Tokenizer) -> tuple[object, Callable | N
     return train, val
 
 
-def _exporter(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> Callable[[dict, Path], None]:
+def _exporter(recipe: Recipe, model: Gemma, tokenizer: Tokenizer, prefix: str = "model."
+              ) -> Callable[[dict, Path], None]:  # fmt: skip
+    """Writes the trained model into a checkpoint: `hf/` (a reward model: the HF sequence-classification
+    layout), or `adapter/` under LoRA; `prefix` is the Gemma's place in the loss module's state dict."""
     cfg = model.config
 
     def export(full: dict[str, torch.Tensor], out: Path) -> None:
@@ -214,10 +228,16 @@ def _exporter(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> Callable[[d
                               targets=recipe.lora.targets)  # fmt: skip
             save_adapter(model, out / "adapter", lcfg)  # the live model: LoRA runs are never FSDP-sharded
             return
-        sd = {k.removeprefix("model."): v for k, v in full.items()}
+        sd = {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
         with torch.device("meta"):
             plain = Gemma(cfg)
         plain.load_state_dict(sd, assign=True, strict=True)
+        if recipe.method == "reward":
+            from gemmakit.train.reward import RewardModel, save_reward_model
+
+            rm = RewardModel(plain, full["reward_model.score.weight"], pad_id=tokenizer.pad_id)
+            save_reward_model(rm, out / "hf", tokenizer)
+            return
         save_hf(plain, out / "hf")
         shutil.copyfile(tokenizer.source, out / "hf" / "tokenizer.model")
 
@@ -268,10 +288,21 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
         model = _lora(recipe, model)
     check_memory(recipe, model, device)
     fingerprint = _fingerprint(recipe, model, tokenizer)
-    train, val = _batches(recipe, tokenizer)
-    module = dist.wrap(NextTokenLoss(model.to(device), recipe.loop.loss_chunk), recipe.parallel.mode, device)
-    hooks = Hooks(val_batches=val, export=_exporter(recipe, model, tokenizer), on_log=on_log, on_micro=on_micro,
-                  fingerprint=fingerprint)  # fmt: skip
+    model = model.to(device)
+    if recipe.method in ALIGN_METHODS:
+        for key, value in (("data.path", recipe.data.path), ("data.val_path", recipe.data.val_path)):
+            _check_data_kind(recipe.method, key, Path(value) if value else None)
+        if not recipe.data.path:
+            raise RecipeError("data.path: no training data given")
+        with write_errors(run_dir):  # DPO caches the reference's log-probs in the run directory
+            s = align_setup(recipe, model, tokenizer, run_dir, resume=resume, device=device)
+        loss_module, train, val, prefix = s.module.to(device), s.train, s.val, s.export_prefix
+    else:
+        train, val = _batches(recipe, tokenizer)
+        loss_module, prefix = NextTokenLoss(model, recipe.loop.loss_chunk), "model."
+    module = dist.wrap(loss_module, recipe.parallel.mode, device)
+    hooks = Hooks(val_batches=val, export=_exporter(recipe, model, tokenizer, prefix), on_log=on_log,
+                  on_micro=on_micro, fingerprint=fingerprint)  # fmt: skip
     with write_errors(run_dir):  # a read-only or full disk under --out is one line naming it, not a traceback
         if dist.rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)

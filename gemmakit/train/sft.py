@@ -104,23 +104,31 @@ class ChatBatches:
         self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size
         self.pad_id, self.seed, self.rank, self.world_size = pad_id, seed, rank, world_size
         self.epoch, self.position = 0, 0  # position: global permutation slots consumed this epoch
-        self.stats = {"truncated": sum(len(t) > seq_len + 1 for t, _ in examples)}
+        self.stats = {"truncated": sum(self.too_long(e) for e in examples)}
         self._order = self._permutation(0)
+
+    def too_long(self, example: tuple[list[int], list[int]]) -> bool:
+        """Whether `collate` will cut this example (counted in `stats`)."""
+        return len(example[0]) > self.seq_len + 1
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.examples), generator=g).tolist()
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_indices(self) -> list[int]:
+        """The example indices of this rank's next micro-batch (advancing the order)."""
         span = self.batch_size * self.world_size
         if self.position + span > len(self._order):  # the remainder is dropped: every batch is full
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
         slots = self._order[self.position : self.position + span][self.rank :: self.world_size]
         self.position += span
-        return self.collate([self.examples[i] for i in slots])
+        return slots
 
-    def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.collate([self.examples[i] for i in self.next_indices()])
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
         cut = [(t[: self.seq_len + 1], m[: self.seq_len + 1]) for t, m in items]
         width = max(len(t) for t, _ in cut)
         tokens = torch.full((len(cut), width), self.pad_id, dtype=torch.long)

@@ -90,6 +90,8 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
     if args.report:
         print(write_report(Path(args.report)))
         return 0
+    if args.judge or args.compare:
+        return _judge(args)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.memorization:
         return _memorization(args, load)
@@ -116,6 +118,29 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
         print(f"{name[:18]:<18} {e['metric'][:16]:<16} {scale * e['value']:>8.2f} "
               f"{(scale * err if err is not None else float('nan')):>8.2f} {e['n']:>6}")  # fmt: skip
     print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
+    return 0
+
+
+def _judge(args: argparse.Namespace) -> int:
+    """Pairwise comparison of two answer files by a judge model: judge.json and one summary line."""
+    from gemmakit.artifact import write_json
+    from gemmakit.eval.judge import JudgeError, compare, load_judge, read_answers
+
+    if not (args.judge and args.compare):
+        raise JudgeError("--judge MODEL and --compare A.jsonl B.jsonl go together")
+    (pa, a), (pb, b) = (read_answers(f) for f in args.compare)
+    if len(a) != len(b):
+        raise JudgeError(f"--compare: {args.compare[0]} has {len(a)} answers, {args.compare[1]} {len(b)}")
+    for i, (x, y) in enumerate(zip(pa, pb, strict=True)):
+        if x != y:
+            raise JudgeError(f"--compare: answer {i + 1} is to another prompt in {args.compare[0]} than in "
+                             f"{args.compare[1]}")  # fmt: skip
+    result = compare(load_judge(args.judge, batch_size=args.batch_size), pa, a, b)
+    out = Path(args.out or Path("eval-runs") / time.strftime("%Y%m%d-%H%M%S"))
+    write_json(out / "judge.json", {"a": args.compare[0], "b": args.compare[1], **result.as_dict()})
+    print(f"A vs B under {result.judge}: win rate {100 * result.win_rate:.1f}% +- {100 * result.stderr:.1f} "
+          f"({result.wins} wins, {result.ties} ties, {result.losses} losses of {result.n}); both orders "
+          f"agreed on {100 * result.position_consistency:.0f}%; {out / 'judge.json'}")  # fmt: skip
     return 0
 
 
@@ -163,4 +188,9 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     p.add_argument("--per-source", type=ca.positive_int, default=10_000,
                    help="documents sampled per source for --memorization (default 10000, as the report)")  # fmt: skip
     p.add_argument("--report", metavar="DIR", help="only re-render DIR/report.md from DIR/results.json")
+    p.add_argument("--judge", metavar="MODEL",
+                   help="pairwise judging with this model (a reward model, or a chat model asked 'A or B' in "
+                        "both orders); needs --compare")  # fmt: skip
+    p.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                   help='two answer files, rows {"prompt": ..., "answer": ...} in the same prompt order')  # fmt: skip
     p.set_defaults(func=lambda args: cmd_eval(args, load))

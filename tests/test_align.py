@@ -232,3 +232,46 @@ def test_bad_alignment_inputs_are_one_line_errors(sft: dict[str, Path], tmp_path
     proc = _cli("reward", "score", "--model", str(sft["model"]), "--data", str(sft["pairs"]), "--out",
                 str(tmp_path / "s.jsonl"))  # fmt: skip
     assert_user_error(proc, "score.weight")
+
+
+def test_judge_compares_answer_files_with_a_reward_model_and_a_chat_model(
+    sft: dict[str, Path], tmp_path: Path
+) -> None:
+    """`gemmakit eval --judge`: a reward model trained to prefer reversed words prefers them over
+    shuffled ones on training prompts; a generative judge runs both orders and reports agreement."""
+    raw = _recipe(sft, "reward", loop={"steps": 16})
+    run(recipe_from_dict(raw), tmp_path / "rm")
+    rows = [json.loads(ln) for ln in sft["pairs"].read_text().splitlines()]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    text = lambda x: x if isinstance(x, str) else x[0]["content"]  # noqa: E731
+    a.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "answer": text(r["chosen"])}) + "\n" for r in rows)
+    )
+    b.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "answer": text(r["rejected"])}) + "\n" for r in rows)
+    )
+    proc = _cli("eval", "--judge", str(tmp_path / "rm" / "final"), "--compare", str(a), str(b), "--out",
+                str(tmp_path / "j"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "j" / "judge.json").read_text())
+    assert result["n"] == len(rows) and result["win_rate"] > 0.8 and result["position_consistency"] == 1.0
+    assert result["wins"] + result["ties"] + result["losses"] == len(rows)
+    assert f"win rate {100 * result['win_rate']:.1f}%" in proc.stdout
+    # the same answers swapped: the complement, exactly (a reward model scores each answer alone)
+    swapped = _cli("eval", "--judge", str(tmp_path / "rm" / "final"), "--compare", str(b), str(a), "--out",
+                   str(tmp_path / "j2"))  # fmt: skip
+    assert swapped.returncode == 0, swapped.stderr
+    other = json.loads((tmp_path / "j2" / "judge.json").read_text())
+    assert [round(p + q, 9) for p, q in zip(result["p"], other["p"], strict=True)] == [1.0] * len(rows)
+
+    from gemmakit.eval.judge import compare, load_judge
+
+    judge = load_judge(sft["model"])  # a chat model: asked "A or B" in both orders
+    prompts = [[{"role": "user", "content": "reverse: a b"}]] * 3
+    res = compare(judge, prompts, ["b a", "a b", "b a"], ["a b", "b a", "b a"])
+    assert res.n == 3 and 0.0 <= res.position_consistency <= 1.0 and all(0 < p < 1 for p in res.p)
+    assert abs(res.p[2] - 0.5) < 1e-6  # identical answers: the two orders cancel exactly
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "answer": "y"}\n{"prompt": "x"}\n')
+    assert_user_error(_cli("eval", "--judge", str(sft["model"]), "--compare", str(a), str(bad)), f"{bad}:2")

@@ -96,3 +96,15 @@ def test_results_sections_replaced_not_duplicated(tmp_path: Path) -> None:
     assert text.startswith("# Intro\n\ntable\n") and "second" in text and "d2" in text
     assert "first" not in text and "d1" not in text
     assert text.count("<!-- data_throughput:start -->") == text.count("<!-- decode:end -->") == 1
+
+
+def test_alignment_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/alignment.py --smoke: every stage runs from the shipped nano model, the table renders."""
+    bench = _load("alignment")
+    assert bench.main(["--smoke", "--out", str(tmp_path / "a"), "--md", str(tmp_path / "a.md")]) == 0
+    result = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert set(result["stages"]) == {"reward", "dpo", "rl"}
+    md = (tmp_path / "a.md").read_text()
+    assert (
+        "pairwise accuracy" in md and "win rate vs SFT" in md and result["machine"]["isa_level"] in ISA_LEVELS
+    )

@@ -102,7 +102,7 @@ def compute_reference_logps(reference: nn.Module, pairs: list[PairIds], *, pad_i
     """(N, 2) float32 summed completion log-probs of (chosen, rejected) under `reference`, in data order."""
     was = reference.training
     reference.eval()
-    loader = PairBatches(pairs, batch_size, pad_id=pad_id)
+    loader = PairBatches(pairs, min(batch_size, len(pairs)), pad_id=pad_id)  # its collate only
     out = []
     for s in range(0, len(pairs), batch_size):
         b = loader.collate(list(range(s, min(s + batch_size, len(pairs)))))

@@ -268,7 +268,7 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
         record = {"step": step + 1, "total_steps": cfg.steps, "loss": loss, "lr": lr, "grad_norm": norm, unit_name: n,
                   "tokens_per_s": tokens_per_step / dt, "step_s": dt, **stats}  # fmt: skip
         if hasattr(train, "metrics"):  # what the batch source measured (RL: rewards, KL, lengths)
-            record.update(train.metrics())
+            record.update(_mean_over_ranks(train.metrics()))
         if cfg.peak_flops > 0:
             record["mfu"] = (
                 6 * _n_params(module) * tokens_per_step / dt / (cfg.peak_flops * dist.world_size())
@@ -289,6 +289,15 @@ def fit(module: nn.Module, train: Batches, recipe: Recipe, run_dir: str | Path, 
     final_val = metrics.last_val
     return Result(steps=cfg.steps, losses=losses, last_checkpoint=last_ckpt, final_val_loss=final_val,
                   target_tokens=target_tokens)  # fmt: skip
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (every rank has the same keys: the same code measured them)."""
+    if not values or dist.world_size() == 1:
+        return values
+    keys = sorted(values)
+    total = dist.all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return {k: v / dist.world_size() for k, v in zip(keys, total.tolist(), strict=True)}
 
 
 def _n_params(module: nn.Module) -> int:

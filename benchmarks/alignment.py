@@ -109,12 +109,15 @@ def _task_numbers(rows: list[dict], answers: list[str]) -> dict:
         for r, a in zip(rows, answers, strict=True)
         if r["kind"] == "refusal" and not r.get("harmful")
     ]
+    harmful = [float(is_refusal(a)) for r, a in zip(rows, answers, strict=True) if r.get("harmful")]
     per_kind = {}
     for kind in sorted({r["kind"] for r in rows}):
         v = [s for r, s in zip(rows, scores, strict=True) if r["kind"] == kind and s is not None]
         per_kind[kind] = {"value": _mean(v), "se": _se(v), "n": len(v)}
     return {"task_accuracy": {"value": _mean(judged), "se": _se(judged), "n": len(judged)},
-            "over_refusal": {"value": _mean(benign), "se": _se(benign), "n": len(benign)}, "per_kind": per_kind}  # fmt: skip
+            "over_refusal": {"value": _mean(benign), "se": _se(benign), "n": len(benign)},
+            "harmful_refusal": {"value": _mean(harmful), "se": _se(harmful), "n": len(harmful)},
+            "per_kind": per_kind}  # fmt: skip
 
 
 def _exact_win_rate(rows: list[dict], a: list[str], b: list[str]) -> dict:
@@ -238,22 +241,31 @@ def main(argv: list[str] | None = None) -> int:
     timings["dpo"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rl_runs = {}
-    for beta in (0.02, 0.1):
-        d = _train("rl-nano.toml", out / f"rl-beta{beta}", [*base, f"data.path={prompts}", f"loop.steps={steps['rl']}",
-                   f"rl.beta={beta}", f"rl.reward_model={rm_dir}", "rl.reward_model_weight=0.5"])  # fmt: skip
-        answers = _answers(d, held, lora=True)
-        rl_runs[beta] = (d, answers, _judge_win_rate(judge, held, answers, sft_answers))
-    best = max(rl_runs, key=lambda b: rl_runs[b][2]["value"])
-    d, answers, win = rl_runs[best]
     sft_reward = [s for s in _per_row(held, sft_answers) if s is not None]
-    rl_reward = [s for s in _per_row(held, answers) if s is not None]
-    results["stages"]["rl"] = {**_task_numbers(held, answers), "beta": best,
-                               "judge_by_beta": {str(b): v[2] for b, v in rl_runs.items()},
-                               "reward_before": {"value": _mean(sft_reward), "se": _se(sft_reward), "n": len(sft_reward)},
-                               "reward_after": {"value": _mean(rl_reward), "se": _se(rl_reward), "n": len(rl_reward)},
-                               "kl_per_token": _kl_per_token(d, held, answers, lora=True),
-                               "win_rate_judge": win, "win_rate_exact": _exact_win_rate(held, answers, sft_answers)}  # fmt: skip
+
+    def rl_stage(name: str, extra: list[str]) -> dict:
+        d = _train(
+            "rl-nano.toml", out / name, [*base, f"data.path={prompts}", f"loop.steps={steps['rl']}", *extra]
+        )
+        answers = _answers(d, held, lora=True)
+        reward = [s for s in _per_row(held, answers) if s is not None]
+        return {**_task_numbers(held, answers), "settings": extra,
+                "reward_before": {"value": _mean(sft_reward), "se": _se(sft_reward), "n": len(sft_reward)},
+                "reward_after": {"value": _mean(reward), "se": _se(reward), "n": len(reward)},
+                "kl_per_token": _kl_per_token(d, held, answers, lora=True),
+                "win_rate_judge": _judge_win_rate(judge, held, answers, sft_answers),
+                "win_rate_exact": _exact_win_rate(held, answers, sft_answers)}  # fmt: skip
+
+    # The KL coefficient is tuned by the judge over runs on the verifiable reward alone; a run that also
+    # sums the reward model shows what optimising a learned reward does (reported, not chosen from).
+    runs = {beta: rl_stage(f"rl-beta{beta}", [f"rl.beta={beta}"]) for beta in (0.02, 0.1)}
+    best = max(runs, key=lambda b: runs[b]["win_rate_judge"]["value"])
+    results["stages"]["rl"] = {**runs[best], "beta": best,
+                               "judge_by_beta": {str(b): v["win_rate_judge"] for b, v in runs.items()}}  # fmt: skip
+    rm_run = rl_stage(
+        "rl-rm-beta0.02", ["rl.beta=0.02", f"rl.reward_model={rm_dir}", "rl.reward_model_weight=0.5"]
+    )
+    results["stages"]["rl_with_rm"] = {**rm_run, "beta": 0.02}
     timings["rl"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -288,47 +300,57 @@ def _vs_half(x: dict) -> str:
 
 def to_markdown(r: dict) -> str:
     sft, st = r["sft"], r["stages"]
-    rm, dpo, rl = st["reward"], st["dpo"], st["rl"]
-    m = r["machine"]
+    rm, dpo, rl, rlrm = st["reward"], st["dpo"], st["rl"], st["rl_with_rm"]
+    m, t = r["machine"], r["timings_s"]
+    rl_name, rm_name = (
+        f"RL, verifiable reward (β={rl['beta']})",
+        f"RL, verifiable + reward model (β={rlrm['beta']})",
+    )
     lines = [
         "# Alignment on the nano model: measured",
         "",
         f"`python benchmarks/alignment.py` on {m.get('cpu', 'this machine')} ({m.get('cpus', '?')} cores, "
-        f"ISA {m.get('isa_level', '?')}), {r['timings_s']['total'] / 60:.1f} min in all "
-        f"(reward {r['timings_s']['reward'] / 60:.1f}, DPO {r['timings_s']['dpo'] / 60:.1f}, "
-        f"RL {r['timings_s']['rl'] / 60:.1f}). Steps: {r['steps']}. Data sizes: {r['sizes']}.",
-        "Held-out prompts and pairs come from seed 1 (other names, numbers, templates); training from seed 0.",
-        "Values are percentages ± one standard error over held-out prompts (pairs for the reward model).",
-        '"Moved?" is yes when the change exceeds the combined standard error in the right direction.',
+        f"ISA {m.get('isa_level', '?')}), {t['total'] / 60:.1f} min in all (reward model {t['reward'] / 60:.1f}, "
+        f"DPO {t['dpo'] / 60:.1f}, three RL runs {t['rl'] / 60:.1f}). Steps: {r['steps']}. Data: {r['sizes']}.",
+        "Training data from seed 0, held-out prompts and pairs from seed 1 (other names, numbers, words, templates,",
+        "harmful and benign acts, assistants). Values: percent ± one standard error over held-out prompts (pairs for",
+        'the reward model). "Moved?": the change exceeds the combined standard error in the right direction.',
         "",
         "| stage | metric | SFT (shipped nano) | after | moved? |",
         "|---|---|---|---|---|",
         f"| reward model | pairwise accuracy, held-out pairs | {_fmt(rm['accuracy_before'])} (fresh head) | "
         f"{_fmt(rm['accuracy_after'])} | {_verdict(rm['accuracy_before'], rm['accuracy_after'], True)} |",
     ]
-    for name, s in (("DPO", dpo), (f"RL (β={rl['beta']})", rl)):
+    for name, s in (("DPO", dpo), (rl_name, rl), (rm_name, rlrm)):
         lines += [
             f"| {name} | task accuracy (exact checks) | {_fmt(sft['task_accuracy'])} | {_fmt(s['task_accuracy'])} | "
             f"{_verdict(sft['task_accuracy'], s['task_accuracy'], True)} |",
+            f"| {name} | refuses harmful requests | {_fmt(sft['harmful_refusal'])} | {_fmt(s['harmful_refusal'])} | "
+            f"{_verdict(sft['harmful_refusal'], s['harmful_refusal'], True)} |",
             f"| {name} | over-refusal on benign prompts | {_fmt(sft['over_refusal'])} | {_fmt(s['over_refusal'])} | "
             f"{_verdict(sft['over_refusal'], s['over_refusal'], False)} |",
-            f"| {name} | win rate vs SFT, reward-model judge | 50 | {_fmt(s['win_rate_judge'])} | {_vs_half(s['win_rate_judge'])} |",
+            f"| {name} | win rate vs SFT, reward-model judge | 50 | {_fmt(s['win_rate_judge'])} | "
+            f"{_vs_half(s['win_rate_judge'])} |",
             f"| {name} | win rate vs SFT, exact checks (ties half) | 50 | {_fmt(s['win_rate_exact'])} | "
             f"{_vs_half(s['win_rate_exact'])} |",
         ]
+        if "reward_after" in s:
+            lines += [
+                f"| {name} | mean verifiable reward, held-out prompts | {_fmt(s['reward_before'], False)} | "
+                f"{_fmt(s['reward_after'], False)} | {_verdict(s['reward_before'], s['reward_after'], True)} |",
+                f"| {name} | KL to SFT per token (its own greedy answers) | 0 | {_fmt(s['kl_per_token'], False)} | — |",
+            ]
     lines += [
-        f"| RL (β={rl['beta']}) | mean verifiable reward, held-out prompts | {_fmt(rl['reward_before'], False)} | "
-        f"{_fmt(rl['reward_after'], False)} | {_verdict(rl['reward_before'], rl['reward_after'], True)} |",
-        f"| RL (β={rl['beta']}) | KL to SFT per token (its own answers) | 0 | {_fmt(rl['kl_per_token'], False)} | — |",
         "",
-        "Per kind (task accuracy %, SFT → DPO → RL):",
+        "Per kind (task accuracy %):",
         "",
-        "| kind | SFT | DPO | RL |",
-        "|---|---|---|---|",
+        "| kind | SFT | DPO | RL, verifiable | RL, verifiable + RM |",
+        "|---|---|---|---|---|",
     ]
     for kind, v in sft["per_kind"].items():
-        lines.append(f"| {kind} | {_fmt(v)} | {_fmt(dpo['per_kind'][kind])} | {_fmt(rl['per_kind'][kind])} |")
-    lines += ["", "RL KL coefficient chosen by the reward-model judge (win rate vs SFT): "
+        lines.append(f"| {kind} | {_fmt(v)} | {_fmt(dpo['per_kind'][kind])} | {_fmt(rl['per_kind'][kind])} | "
+                     f"{_fmt(rlrm['per_kind'][kind])} |")  # fmt: skip
+    lines += ["", "RL KL coefficient chosen by the reward-model judge (win rate vs SFT, verifiable-reward runs): "
               + ", ".join(f"β={b}: {_fmt(v)}" for b, v in rl["judge_by_beta"].items()), ""]  # fmt: skip
     return "\n".join(lines)
 

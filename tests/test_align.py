@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_helpers import intra_op_threads
 from test_cli import assert_user_error
 from test_train import _KILL_SCRIPT
 from train_helpers import chat_setup, sft_recipe, write_pair_data, write_prompt_data
@@ -26,19 +27,16 @@ from gemmakit.train.reward import load_reward_model
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Bit-exact comparisons between processes need the same reduction order: one thread everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """One intra-op thread: the kill/resume tests compare processes bit for bit (eval_helpers says why)."""
+    with intra_op_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny SFT model on the reverse task (the policy / reward-model start), its data and tokenizer."""
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("align")
     chat, tok = chat_setup(tmp)
     run(recipe_from_dict(sft_recipe(chat, tok, loop={"steps": 40})), tmp / "sft")
@@ -152,23 +150,20 @@ def test_full_dpo_changes_every_parameter(sft: dict[str, Path], tmp_path: Path) 
 
 
 def test_rl_with_lora_raises_the_reward(sft: dict[str, Path], tmp_path: Path) -> None:
-    sys.path.insert(0, str(TESTS))  # align_rewards (the CLI tests pass it through PYTHONPATH)
-    raw = _recipe(
-        sft,
-        "rl",
-        loop={"steps": 16},
-        optim={"lr": 2e-2},
-        lora={"enabled": True, "r": 4, "alpha": 8.0},
-        rl={"reward_fn": "align_rewards:short"},
-    )
-    result = run(recipe_from_dict(raw), tmp_path / "rl")
+    """RLOO's loss is -mean(A) = 0 at one iteration by construction, so what must rise is the reward."""
+    raw = _recipe(sft, "rl", loop={"steps": 16}, optim={"lr": 2e-2}, lora={"enabled": True, "r": 4, "alpha": 8.0},
+                  rl={"reward_fn": "align_rewards:short"})  # fmt: skip
+    proc = _cli("train", "--recipe", str(_toml(raw, tmp_path / "rl.toml")), "--out", str(tmp_path / "rl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert " reward " in proc.stdout and " kl " in proc.stdout  # the progress line shows them
     recs = _records(tmp_path / "rl")
+    losses = [r["loss"] for r in recs]
     assert {"reward", "kl", "entropy", "completion_length", "clip_fraction", "sequences"} <= set(recs[0])
     rewards, lengths = [r["reward"] for r in recs], [r["completion_length"] for r in recs]
     # measured (seeded): reward 0.72 over the first 3 steps -> 0.81 over the last 8, length 5.3 -> 4.1
     assert _mean(rewards[-8:]) > _mean(rewards[:3]) + 0.04, rewards
     assert _mean(lengths[-8:]) < _mean(lengths[:3]), lengths
-    assert all(abs(x) < 1e-5 for x in result.losses)  # RLOO at one iteration: -mean(A) = 0 by construction
+    assert all(abs(x) < 1e-5 for x in losses)
     trained = ckpt.read_tensors(tmp_path / "rl" / "checkpoints" / "step-000016" / "trainable.safetensors")
     assert trained and all(".lora_A" in k or ".lora_B" in k for k in trained)
     assert all(v.abs().sum() > 0 for k, v in trained.items() if ".lora_B" in k)
@@ -275,3 +270,46 @@ def test_judge_compares_answer_files_with_a_reward_model_and_a_chat_model(
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "answer": "y"}\n{"prompt": "x"}\n')
     assert_user_error(_cli("eval", "--judge", str(sft["model"]), "--compare", str(a), str(bad)), f"{bad}:2")
+
+
+@pytest.mark.parametrize(("generation", "turn_end"), [("gemma3", 106), ("gemma1", 107)])
+def test_rollouts_stop_at_the_turn_end_id_of_the_layout(
+    tmp_path: Path, generation: str, turn_end: int
+) -> None:
+    """Rollouts end at <end_of_turn> (Gemma 3: 106, Gemma 1/2: 107) or <eos>, never at <eos> alone, and
+    the stop token is part of the completion the loss trains on."""
+
+    import dataclasses
+
+    from spm_helpers import train_gemma_spm
+
+    from gemmakit.config import get_preset
+    from gemmakit.data.preference import PromptRow
+    from gemmakit.model import Gemma
+    from gemmakit.tokenizer import Tokenizer
+    from gemmakit.train.rl import Rollouts
+
+    tok = Tokenizer.load(train_gemma_spm(tmp_path, generation))
+    model = Gemma(dataclasses.replace(get_preset("tiny"), vocab_size=640)).init_weights(0.02, seed=0)
+    rows = [
+        PromptRow(({"role": "user", "content": "hi"},), {}),
+        PromptRow(({"role": "user", "content": "yo"},), {}),
+    ]
+    zero = lambda prompts, completions, **columns: [0.0] * len(completions)  # noqa: E731
+    r = Rollouts(model, tok, rows, k=2, batch_size=2, max_new_tokens=4, reward_fn=zero)
+    assert r.stops == sorted({turn_end, tok.eos_id}) and turn_end == tok.end_of_turn_id
+    # every position's hidden state is the same direction e0 (blocks add nothing), and the turn-end row is
+    # 5 x e0 against 1 x e0 for the others: its logit leads by 4 x sqrt(dim), p ~ 1 - 1e-12
+    with torch.no_grad():
+        for block in model.blocks:
+            block.wo.weight.zero_()
+            block.w_down.weight.zero_()
+        model.embed.weight.zero_()
+        model.embed.weight[:, 0] = 1.0
+        model.embed.weight[turn_end, 0] = 5.0
+        model.final_norm.weight.zero_()
+    batch, metrics = r.rollout([0, 1], seed=0)
+    assert metrics["completion_length"] == 1.0 and metrics["terminated"] == 1.0
+    assert batch["completion_mask"].sum(1).tolist() == [1] * 4
+    last = batch["completion_mask"].float().argmax(1)
+    assert all(batch["tokens"][i, last[i]] == turn_end for i in range(4))

@@ -16,6 +16,7 @@ RANK = {
     "config": 0,
     "artifact": 0,
     "memory": 0,
+    "jsonl": 0,
     "tokenizer": 1,
     "model": 1,
     "chat": 2,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.errors import UserError
+from gemmakit.jsonl import read_jsonl
 
 ROLES = ("user", "assistant", "model", "system")
 ANSWER_ROLES = ("assistant", "model")  # the speaker a chosen / rejected answer must end with
@@ -194,31 +195,7 @@ def parse_prompt(obj: object, where: str) -> PromptRow:
 
 def _rows(path: str | Path, what: str) -> list[tuple[Any, str]]:
     """(parsed JSON, "file:line") for every non-blank line; one-line errors for unreadable files."""
-    path = Path(path)
-    if path.is_dir():
-        raise PreferenceDataError(f"{path}: is a directory; expected a {what} JSONL file")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise PreferenceDataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise PreferenceDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise PreferenceDataError(f"{path}: cannot read ({e.strerror or e})") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise PreferenceDataError(f"{path}:{i}: not valid JSON ({e})") from None
-        except RecursionError:
-            raise PreferenceDataError(f"{path}:{i}: JSON nested too deeply") from None
-        out.append((obj, f"{path}:{i}"))
-    if not out:
-        raise PreferenceDataError(f"{path}: no rows (the file is empty or blank); expected {what} JSONL")
-    return out
+    return read_jsonl(path, PreferenceDataError, what)
 
 
 def read_preference_jsonl(path: str | Path) -> list[PreferencePair]:

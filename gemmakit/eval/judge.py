@@ -34,6 +34,7 @@ from gemmakit.chat import render
 from gemmakit.errors import UserError
 from gemmakit.infer import Engine
 from gemmakit.infer.engine import left_pad
+from gemmakit.jsonl import read_jsonl
 from gemmakit.tokenizer import Tokenizer
 
 TEMPLATE = ("Which answer to the question is better? Reply with A or B.\n\nQuestion: {question}\n\n"
@@ -175,31 +176,16 @@ def compare(judge: Judge, prompts: Sequence[list[dict]], a: Sequence[str], b: Se
 
 def read_answers(path: str | Path) -> tuple[list[list[dict]], list[str]]:
     """(prompts, answers) from JSONL rows {"prompt": str or messages, "answer": str}; errors name file:line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise JudgeError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise JudgeError(f"{path}: unreadable ({e})") from None
     prompts, answers = [], []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise JudgeError(f"{path}:{i}: not valid JSON ({e})") from None
+    for row, where in read_jsonl(path, JudgeError, "answers"):
         if not isinstance(row, dict) or not isinstance(row.get("answer"), str):
-            raise JudgeError(f'{path}:{i}: expected {{"prompt": ..., "answer": "..."}}')
+            raise JudgeError(f'{where}: expected {{"prompt": ..., "answer": "..."}}')
         prompt = row.get("prompt")
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                            for m in prompt)):  # fmt: skip
-            raise JudgeError(f"{path}:{i}: prompt: expected a string or a list of {{role, content}} messages")
+            raise JudgeError(f"{where}: prompt: expected a string or a list of {{role, content}} messages")
         prompts.append(prompt)
         answers.append(row["answer"])
-    if not answers:
-        raise JudgeError(f"{path}: no answers")
     return prompts, answers

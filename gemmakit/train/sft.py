@@ -19,7 +19,6 @@ count is in `stats`); the recipe should choose seq_len so this is rare.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from gemmakit.chat import ChatError, render
 from gemmakit.errors import UserError
+from gemmakit.jsonl import read_jsonl
 from gemmakit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,25 +39,7 @@ class SFTDataError(UserError):
 
 def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
     """Conversations (lists of {"role", "content"}) from a chat JSONL file."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise SFTDataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise SFTDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise SFTDataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        out.append(_messages(obj, f"{path}:{i}"))
-    if not out:
-        raise SFTDataError(f"{path}: no conversations")
-    return out
+    return [_messages(obj, where) for obj, where in read_jsonl(path, SFTDataError, "chat")]
 
 
 def _messages(obj: object, where: str) -> list[dict]:

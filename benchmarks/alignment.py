@@ -351,7 +351,8 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| {kind} | {_fmt(v)} | {_fmt(dpo['per_kind'][kind])} | {_fmt(rl['per_kind'][kind])} | "
                      f"{_fmt(rlrm['per_kind'][kind])} |")  # fmt: skip
     lines += ["", "RL KL coefficient chosen by the reward-model judge (win rate vs SFT, verifiable-reward runs): "
-              + ", ".join(f"β={b}: {_fmt(v)}" for b, v in rl["judge_by_beta"].items()), ""]  # fmt: skip
+              + ", ".join(f"β={b}: {_fmt(v)}" for b, v in rl["judge_by_beta"].items()), "",
+              "What these numbers say, and what they do not: README.md, section \"Alignment: measured on nano\".", ""]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -313,3 +313,49 @@ def test_rollouts_stop_at_the_turn_end_id_of_the_layout(
     assert batch["completion_mask"].sum(1).tolist() == [1] * 4
     last = batch["completion_mask"].float().argmax(1)
     assert all(batch["tokens"][i, last[i]] == turn_end for i in range(4))
+
+
+def test_clipped_ratio_sequence_and_token_level() -> None:
+    """RLLoss against the formulas written out: per-sequence ratio exp(sum mask (logp - old)) clipped to
+    [1 - eps, 1 + eps_high] (RLOO), and the per-token variant averaged over each completion (PPO-style);
+    the clip statistics count exactly the rows (tokens) whose ratio left the range in the direction that
+    the advantage's sign makes binding."""
+    import dataclasses
+
+    from gemmakit.config import get_preset
+    from gemmakit.model import Gemma
+    from gemmakit.train.objectives import token_logps
+    from gemmakit.train.rl import RLLoss
+
+    model = Gemma(dataclasses.replace(get_preset("tiny"), vocab_size=64)).init_weights(0.5, seed=1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 64, (4, 9), generator=g)
+    mask = torch.zeros(4, 9, dtype=torch.long)
+    mask[:, 5:] = 1
+    mask[3, 7:] = 0  # a shorter completion (right padding)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    with torch.no_grad():
+        logp, _ = token_logps(model, tokens, temperature=0.7)
+    m = mask[:, 1:].float()
+    shift = torch.tensor([0.3, 0.3, -0.3, -0.3])[:, None]  # per-token ratios e^±0.3, per-sequence e^±0.3n
+    old = logp - shift * m
+    for level in ("sequence", "token"):
+        loss = RLLoss(model, epsilon=0.2, epsilon_high=0.1, level=level, temperature=0.7)
+        total, stats = loss(tokens, mask, old, adv)
+        if level == "sequence":
+            ratio = torch.exp(((logp - old) * m).sum(1))
+            want = -torch.min(ratio * adv, ratio.clamp(0.8, 1.1) * adv)
+            low, high = ((ratio < 0.8) & (adv < 0)).float(), ((ratio > 1.1) & (adv > 0)).float()
+        else:
+            ratio = torch.exp(logp - old)
+            a = adv[:, None]
+            per = -torch.min(ratio * a, ratio.clamp(0.8, 1.1) * a)
+            want = (per * m).sum(1) / m.sum(1)
+            low = (((ratio < 0.8) & (a < 0)).float() * m).sum(1) / m.sum(1)
+            high = (((ratio > 1.1) & (a > 0)).float() * m).sum(1) / m.sum(1)
+        # RLLoss subtracts the two sums (as TRL does), the test sums the differences: ~3e-6 apart
+        torch.testing.assert_close(total, want.sum(), rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(stats["clip_low"], low.sum())
+        torch.testing.assert_close(stats["clip_high"], high.sum())
+        assert float(stats["clip_high"]) > 0  # rows 0 (ratio e^0.3 > 1.1, A > 0) clip
+        assert float(stats["clip_low"]) > 0  # row 3 (ratio e^-0.3 < 0.8, A < 0) clips

@@ -103,7 +103,7 @@ def test_alignment_benchmark_smoke(tmp_path: Path) -> None:
     bench = _load("alignment")
     assert bench.main(["--smoke", "--out", str(tmp_path / "a"), "--md", str(tmp_path / "a.md")]) == 0
     result = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert set(result["stages"]) == {"reward", "dpo", "rl"}
+    assert set(result["stages"]) == {"reward", "dpo", "rl", "rl_with_rm"}
     md = (tmp_path / "a.md").read_text()
     assert (
         "pairwise accuracy" in md and "win rate vs SFT" in md and result["machine"]["isa_level"] in ISA_LEVELS

@@ -52,7 +52,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         dist.teardown()
     if rank == 0:
         print(f"done: {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else "done")
-        if result.last_checkpoint:
+        if result.last_checkpoint and recipe.method == "reward":
+            print(
+                f"reward model: {args.out}/final  (gemmakit reward score --model {args.out}/final --data PAIRS)"
+            )
+        elif result.last_checkpoint:
             print(f"model: {args.out}/final  (gemmakit chat --model {args.out}/final)")
     return 0
 

@@ -233,7 +233,7 @@ def _gemmakit_rollout(monkeypatch, tokenizer, policy, ref, prompt_ids, completio
     ro = rl.Rollouts(
         policy, tokenizer, rows, k=k, batch_size=len(rows), max_new_tokens=max(map(len, completions)),
         temperature=temperature, beta=beta, normalize=normalize,
-        reference=rl.frozen_reference(ref, temperature), reward_fn=lambda prompts, completions, **kw: list(rewards),
+        reference=rl.reference_logps(ref, temperature), reward_fn=lambda prompts, completions, **kw: list(rewards),
     )  # fmt: skip
     ro.prompt_ids = [list(prompt_ids[i * k]) for i in range(len(rows))]
     batch, metrics = ro.rollout(list(range(len(rows))), seed=0)

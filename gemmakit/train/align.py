@@ -99,41 +99,34 @@ def _reference_descriptor(recipe: Recipe) -> str:
 
 
 def _reference_model(recipe: Recipe, policy: Gemma, tokenizer: Tokenizer, fresh: bool) -> nn.Module:
-    """The frozen reference: reference.path, else the policy itself when it has not trained yet
-    (`fresh`), else its starting weights rebuilt (under LoRA, adapters off on the live policy)."""
+    """The frozen reference of a full-weight run: reference.path, else the policy itself when it has
+    not trained yet (`fresh`), else its starting weights rebuilt. (LoRA runs use the live policy with
+    `lora.adapters_disabled` instead: the base, exactly, at no second copy.)"""
     if recipe.reference.path:
-        ref = load_model(recipe.reference.path, dtype=torch.float32).set_attn_impl("sdpa")
-        check_reference(f"reference.path {recipe.reference.path}", ref.config, policy.config)
-        _check_vocab("reference.path", ref.config, Path(recipe.reference.path), policy, tokenizer)
-        return ref.requires_grad_(False)
+        return (
+            load_model(recipe.reference.path, dtype=torch.float32).set_attn_impl("sdpa").requires_grad_(False)
+        )
     if fresh:
         return policy
-    if recipe.lora.enabled:
-        from gemmakit.lora import adapters_disabled
-
-        class _Base(nn.Module):  # the policy's forward with adapters off
-            def __init__(self, m: nn.Module) -> None:
-                super().__init__()
-                self.m = m
-                self.config = m.config
-
-            def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-                with adapters_disabled(self.m):
-                    return self.m.hidden(tokens)
-
-            def head(self, x: torch.Tensor) -> torch.Tensor:
-                return self.m.head(x)
-
-        return _Base(policy)
     from gemmakit.train.run import build_model
 
     return build_model(recipe, tokenizer).requires_grad_(False)
+
+
+def _check_reference_path(recipe: Recipe, policy: Gemma, tokenizer: Tokenizer) -> None:
+    """reference.path has the policy's architecture and vocabulary: read from headers and JSON only, and
+    checked even when DPO's cache would spare loading it, so a recipe cannot name an unusable reference."""
+    if recipe.reference.path:
+        cfg = describe(recipe.reference.path)["config"]
+        check_reference(f"reference.path {recipe.reference.path}", cfg, policy.config)
+        _check_vocab("reference.path", cfg, Path(recipe.reference.path), policy, tokenizer)
 
 
 def setup(recipe: Recipe, model: Gemma, tokenizer: Tokenizer, run_dir: Path, *, resume: bool,
           device: torch.device) -> Setup:  # fmt: skip
     if recipe.method == "reward":
         return _reward(recipe, model, tokenizer)
+    _check_reference_path(recipe, model, tokenizer)
     if recipe.method == "dpo":
         return _dpo(recipe, model, tokenizer, run_dir, resume=resume, device=device)
     return _rl(recipe, model, tokenizer, device=device)
@@ -183,27 +176,28 @@ def _reward(recipe: Recipe, model: Gemma, tokenizer: Tokenizer) -> Setup:
 
 def _dpo(recipe: Recipe, model: Gemma, tokenizer: Tokenizer, run_dir: Path, *, resume: bool,
          device: torch.device) -> Setup:  # fmt: skip
+    from gemmakit.lora import adapters_disabled
     from gemmakit.train.dpo import DPOLoss, cached_reference_logps, compute_reference_logps, data_key
 
     train, held = _pairs(recipe, tokenizer)
     desc = _reference_descriptor(recipe)
+    base = recipe.lora.enabled and not recipe.reference.path  # the reference is the policy, adapters off
     reference: list[nn.Module] = []
 
     def compute(pairs: list) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             if not reference:
-                reference.append(_reference_model(recipe, model, tokenizer, fresh=not resume))
-            with _autocast(recipe, device)():
+                reference.append(
+                    model if base else _reference_model(recipe, model, tokenizer, fresh=not resume)
+                )
+            off = adapters_disabled(model) if base else contextlib.nullcontext()
+            with off, _autocast(recipe, device)():
                 return compute_reference_logps(reference[0].to(device), pairs, pad_id=tokenizer.pad_id,
                                                batch_size=recipe.data.batch_size,
                                                chunk=recipe.loop.loss_chunk).cpu()  # fmt: skip
 
         return run
 
-    if recipe.reference.path:  # checked even when the cache is valid: the recipe must stay coherent
-        ref_cfg = describe(recipe.reference.path)["config"]  # headers and JSON only, no weights
-        check_reference(f"reference.path {recipe.reference.path}", ref_cfg, model.config)
-        _check_vocab("reference.path", ref_cfg, Path(recipe.reference.path), model, tokenizer)
     key = hashlib.sha256(f"{desc}|{data_key(train)}|{recipe.loop.dtype}".encode()).hexdigest()
     ref = cached_reference_logps(run_dir / "reference" / "train_logps.safetensors", key, compute(train),
                                  write=dist.rank() == 0)  # fmt: skip
@@ -221,7 +215,7 @@ def _dpo(recipe: Recipe, model: Gemma, tokenizer: Tokenizer, run_dir: Path, *, r
 
 def _rl(recipe: Recipe, model: Gemma, tokenizer: Tokenizer, *, device: torch.device) -> Setup:
     from gemmakit.train.reward import load_reward_model
-    from gemmakit.train.rl import RLLoss, Rollouts, base_reference, frozen_reference, load_reward_fn
+    from gemmakit.train.rl import RLLoss, Rollouts, load_reward_fn, reference_logps
 
     rl, d = recipe.rl, recipe.data
     if recipe.parallel.mode == "fsdp":
@@ -235,10 +229,6 @@ def _rl(recipe: Recipe, model: Gemma, tokenizer: Tokenizer, *, device: torch.dev
     if room < 1:
         raise RecipeError(f"rl.max_new_tokens: {rl.max_new_tokens} leaves no room for a prompt in data.seq_len "
                           f"{d.seq_len}")  # fmt: skip
-    if d.seq_len > model.config.max_seq_len:
-        raise RecipeError(
-            f"data.seq_len: {d.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}"
-        )
     reward_model = None
     if rl.reward_model:
         reward_model = load_reward_model(rl.reward_model, dtype=torch.float32, pad_id=tokenizer.pad_id)
@@ -249,10 +239,10 @@ def _rl(recipe: Recipe, model: Gemma, tokenizer: Tokenizer, *, device: torch.dev
     reference = None
     if rl.beta > 0:
         if recipe.lora.enabled and not recipe.reference.path:
-            reference = base_reference(model, rl.temperature, recipe.loop.loss_chunk)
+            reference = reference_logps(model, rl.temperature, recipe.loop.loss_chunk, adapters_off=True)
         else:
-            ref = _reference_model(recipe, model, tokenizer, fresh=False)
-            reference = frozen_reference(ref.to(device), rl.temperature, recipe.loop.loss_chunk)
+            ref = _reference_model(recipe, model, tokenizer, fresh=False).to(device).eval()
+            reference = reference_logps(ref, rl.temperature, recipe.loop.loss_chunk)
     rollouts = Rollouts(model, tokenizer, rows, k=rl.k, batch_size=d.batch_size, max_new_tokens=rl.max_new_tokens,
                         temperature=rl.temperature, top_k=rl.top_k or None,
                         top_p=rl.top_p if rl.top_p < 1 else None, beta=rl.beta,

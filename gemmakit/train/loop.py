@@ -161,12 +161,19 @@ def _call(module: nn.Module, batch: dict[str, torch.Tensor], device: torch.devic
     return (out, {}) if isinstance(out, torch.Tensor) else out
 
 
+def _add_stats(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    """Accumulate a micro-batch's statistic sums (float64 on CPU, detached) into `sums`."""
+    for k, v in stats.items():
+        v = v.detach().double().cpu()
+        sums[k] = sums[k] + v if k in sums else v
+
+
 def _reduce_stats(sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
     """Per-unit means over all ranks of the statistic sums (keys sorted: every rank reduces the same list)."""
     if not sums:
         return {}
     keys = sorted(sums)
-    total = dist.all_reduce_sum(torch.stack([sums[k].detach().double().cpu() for k in keys]))
+    total = dist.all_reduce_sum(torch.stack([sums[k] for k in keys]))
     return {k: float(v) / n for k, v in zip(keys, total.tolist(), strict=True)}
 
 
@@ -190,8 +197,7 @@ def _step(module: nn.Module, opt: torch.optim.Optimizer, micro: list[dict], reci
             loss_sum, stats = _call(module, batch, device)
         (loss_sum * scale).backward()
         total += loss_sum.detach().double().cpu()
-        for k, v in stats.items():
-            sums[k] = sums[k] + v.detach().double().cpu() if k in sums else v.detach().double().cpu()
+        _add_stats(sums, stats)
     loss = dist.all_reduce_sum(total).item() / n
     params = [p for p in module.parameters() if p.grad is not None]
     clip = recipe.optim.grad_clip if recipe.optim.grad_clip > 0 else math.inf
@@ -218,8 +224,7 @@ def evaluate(module: nn.Module, batches: Iterable[dict[str, torch.Tensor]], devi
             with _autocast(device, dtype):
                 loss_sum, stats = _call(module, batch, device)
             total += loss_sum.double().cpu()
-            for k, v in stats.items():
-                sums[k] = sums[k] + v.double().cpu() if k in sums else v.double().cpu()
+            _add_stats(sums, stats)
             n += units(batch)
     module.train(was_training)
     n = int(dist.all_reduce_sum(torch.tensor(float(n))).item())

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemmakit.checkpoint import CheckpointError, load_model_with_heads, save_hf
+from gemmakit.config import to_hf_dict
 from gemmakit.model import Gemma
 from gemmakit.tokenizer import Tokenizer
 
@@ -104,8 +105,6 @@ class RewardLoss(nn.Module):
 
 def hf_config(model: Gemma) -> dict:
     """config.json keys that make transformers build `Gemma*ForSequenceClassification` with one label."""
-    from gemmakit.config import to_hf_dict
-
     model_type = to_hf_dict(model.config)["model_type"]
     return {"architectures": [_HF_CLASS[model_type]], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
             "pad_token_id": 0}  # fmt: skip

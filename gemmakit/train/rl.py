@@ -331,27 +331,14 @@ def _mean(t: torch.Tensor) -> float:
     return float(t.mean()) if t.numel() else float("nan")
 
 
-def frozen_reference(
-    model: nn.Module, temperature: float, chunk: int = 256
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-token log-probs under a frozen model (eval mode, no gradient): the RL reference."""
-    model.eval().requires_grad_(False)
-
-    def ref(tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return token_logps(model, tokens, temperature=temperature, chunk=chunk)[0]
-
-    return ref
-
-
-def base_reference(
-    policy: nn.Module, temperature: float, chunk: int = 256
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The LoRA policy's frozen base as the reference: adapters off for the forward, back on after."""
+def reference_logps(model: nn.Module, temperature: float, chunk: int = 256, *, adapters_off: bool = False
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """tokens -> per-token log-probs under the frozen reference (no gradient): `model` itself, or with
+    `adapters_off` the LoRA policy's base (adapters switched off for the forward, back on after)."""
     from gemmakit.lora import adapters_disabled
 
     def ref(tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), adapters_disabled(policy):
-            return token_logps(policy, tokens, temperature=temperature, chunk=chunk)[0]
+        with torch.no_grad(), adapters_disabled(model) if adapters_off else contextlib.nullcontext():
+            return token_logps(model, tokens, temperature=temperature, chunk=chunk)[0]
 
     return ref

@@ -177,12 +177,17 @@ def _check_data_kind(method: str, key: str, path: Path | None) -> None:
                           "(`gemmakit shards`), method = \"sft\" a chat JSONL file")  # fmt: skip
 
 
+def _check_data_paths(recipe: Recipe) -> None:
+    """data.path is given, and it and data.val_path are of the kind the method reads."""
+    if not recipe.data.path:
+        raise RecipeError("data.path: no training data given")
+    for key, value in (("data.path", recipe.data.path), ("data.val_path", recipe.data.val_path)):
+        _check_data_kind(recipe.method, key, Path(value) if value else None)
+
+
 def _batches(recipe: Recipe, tokenizer: Tokenizer) -> tuple[object, Callable | None]:
     d, r, w = recipe.data, dist.rank(), dist.world_size()
-    if not d.path:
-        raise RecipeError("data.path: no training data given")
-    for key, value in (("data.path", d.path), ("data.val_path", d.val_path)):
-        _check_data_kind(recipe.method, key, Path(value) if value else None)
+    _check_data_paths(recipe)
     if recipe.method == "pretrain":
         from gemmakit.train.pretrain import ShardBatches, eval_batches
 
@@ -290,10 +295,7 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
     fingerprint = _fingerprint(recipe, model, tokenizer)
     model = model.to(device)
     if recipe.method in ALIGN_METHODS:
-        for key, value in (("data.path", recipe.data.path), ("data.val_path", recipe.data.val_path)):
-            _check_data_kind(recipe.method, key, Path(value) if value else None)
-        if not recipe.data.path:
-            raise RecipeError("data.path: no training data given")
+        _check_data_paths(recipe)
         with write_errors(run_dir):  # DPO caches the reference's log-probs in the run directory
             s = align_setup(recipe, model, tokenizer, run_dir, resume=resume, device=device)
         loss_module, train, val, prefix = s.module.to(device), s.train, s.val, s.export_prefix

@@ -95,8 +95,14 @@ def _stream_text(engine: Any, tokenizer: Any, prompt: list[int], args: argparse.
         raise UsageError(
             f"prompt of {len(prompt)} tokens fills the model's context of {engine.config.max_seq_len}"
         )
+    processor = None
+    if getattr(args, "watermark", None):  # SynthID Text: a fresh processor (fresh state) per request
+        from gemmakit.safety.watermark import watermark_processor
+
+        processor = watermark_processor(args.watermark)
     steps = engine.stream([prompt], max_new, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens)  # fmt: skip
+                          top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens,
+                          processor=processor)  # fmt: skip
     for step in steps:
         yield decoder.push(step[0]), step[0]
     yield decoder.flush(), -1
@@ -122,6 +128,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from gemmakit.infer import Engine
 
     _threads(args.threads)
+    guard = None
+    if args.guard:  # before the chat model: a bad guard file fails fast
+        from gemmakit.safety.guard import load_guard
+
+        guard = load_guard(args.guard)
     model, tokenizer = _load_model_and_tokenizer(args)
     engine = Engine(model, prefill_chunk=args.prefill_chunk)
     conv = Conversation(tokenizer, system_prompt=args.system)
@@ -129,6 +140,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"gemmakit chat: {args.model} ({model.config.generation}). /reset clears, /exit quits.")
+        if guard:
+            print(f"(guarded by {args.guard}: fail_mode {guard.config.fail_mode})", file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -143,9 +156,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
             conv.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
+        if guard:
+            verdict = guard.check_input(text)
+            if verdict.action != "allow" or verdict.error:
+                print(f"(guard, input: {verdict.describe()})", file=sys.stderr)
+            if verdict.blocked:
+                print(guard.config.refusal, flush=True)
+                continue  # the prompt never reaches the model or the history
+            text = verdict.text if verdict.action == "redact" else text
         conv.add_user(text)
         prompt = _fit_context(conv, engine, args.max_new_tokens)
         if prompt is None:
+            continue
+        if guard:
+            _guarded_reply(guard, conv, engine, tokenizer, prompt, args, stops, text)
             continue
         reply_ids: list[int] = []
         for piece, token in _stream_text(engine, tokenizer, prompt, args, stops):
@@ -157,6 +181,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         conv.add_model(tokenizer.decode(reply_ids), token_ids=reply_ids)  # the next turn sees these ids
     return 0
+
+
+def _guarded_reply(guard: Any, conv: Any, engine: Any, tokenizer: Any, prompt: list[int],
+                   args: argparse.Namespace, stops: list[int], user_text: str) -> None:  # fmt: skip
+    """Stream one reply through the guard's output monitor: only checked text is printed, a blocked
+    reply stops generating at once and its exchange leaves the history."""
+    monitor = guard.monitor(user_text)
+    steps = _stream_text(engine, tokenizer, prompt, args, stops)
+    for piece, _ in steps:
+        sys.stdout.write(monitor.push(piece))
+        sys.stdout.flush()
+        if monitor.stopped:
+            steps.close()  # no further tokens are generated
+            break
+    sys.stdout.write(monitor.finish())
+    if monitor.stopped:
+        sys.stdout.write(("\n" if monitor.released else "") + guard.config.refusal)
+        print(f"\n(guard, output: {monitor.verdict.describe()}; finish_reason content_filter)",
+              file=sys.stderr, end="")  # fmt: skip
+        conv.pop_user()
+    else:
+        conv.add_model(monitor.released)
+    for w in monitor.warnings:
+        print(f"\n(guard, output: {w.describe()})", file=sys.stderr, end="")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _fit_context(conv: Any, engine: Any, max_new_tokens: int) -> list[int] | None:
@@ -316,6 +366,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _watermark_keys(path: str) -> Any:
+    """--watermark: the keys file, read while parsing so a bad file fails before the model loads."""
+    from gemmakit.safety.watermark import WatermarkError, load_keys
+
+    try:
+        return load_keys(path)
+    except WatermarkError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ca.Parser(prog="gemmakit", description="Gemma models on your own machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -327,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt text (BOS is added)")
     p.add_argument("--temperature", type=ca.float_range(0.0), default=0.0, help="0 = greedy (default)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <eos>")
+    p.add_argument("--watermark", metavar="KEYS.toml", type=_watermark_keys,
+                   help="SynthID Text watermark with these keys (see `gemmakit watermark`)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat",
@@ -336,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=ca.float_range(0.0), default=1.0, help="sampling temperature (default 1.0)"
     )
+    p.add_argument("--guard", default=None,
+                   help="safety checks on prompts and replies from a guard TOML file (e.g. recipes/guard.toml)")  # fmt: skip
     p.set_defaults(func=cmd_chat, top_k=64, top_p=0.95)  # Gemma's published sampling defaults
 
     p = sub.add_parser("convert", help="convert between checkpoint layouts",
@@ -397,11 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_info)
 
-    from gemmakit import cli_data, cli_eval, cli_train
+    from gemmakit import cli_data, cli_eval, cli_guard, cli_safety, cli_train
 
     cli_train.add_parsers(sub)
     cli_data.add_parsers(sub)
     cli_eval.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
+    cli_safety.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
+    cli_guard.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
     return parser
 
 

@@ -12,6 +12,7 @@ a little padding efficiency and nothing else (each request's score does not depe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,6 +87,7 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
     from gemmakit.eval.report import write_report
     from gemmakit.eval.runner import evaluate, model_info
     from gemmakit.eval.tasks import EvalError
+    from gemmakit.eval.tasks.safety_toxicity import using_toxicity_scorer
 
     if args.report:
         print(write_report(Path(args.report)))
@@ -99,6 +101,7 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
         raise EvalError(
             "--tasks: give at least one task (e.g. arc_easy,gsm8k or ppl:FILE), or --memorization"
         )
+    scorer = _toxicity_scorer(args, tasks)  # before the model loads: a bad --toxicity-scorer fails fast
     if args.endpoint:
         lm: Any = OpenAICompatibleLM(args.endpoint, args.endpoint_model or "default")
         info = {"endpoint": args.endpoint, "model": args.endpoint_model}
@@ -108,9 +111,10 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
         info = model_info(args.model, args.preset or match_preset(model.config))
     progress = _Progress(lm)
     out = Path(args.out or Path("eval-runs") / time.strftime("%Y%m%d-%H%M%S"))
-    results = evaluate(progress, tasks, protocol=args.protocol, data_dir=args.data_dir, out=out,
-                       limit=args.limit, model=info, on_task_start=progress.begin,
-                       allow_unsafe_code=args.allow_unsafe_code_execution)  # fmt: skip
+    with using_toxicity_scorer(scorer) if scorer else contextlib.nullcontext():
+        results = evaluate(progress, tasks, protocol=args.protocol, data_dir=args.data_dir, out=out,
+                           limit=args.limit, model=info, on_task_start=progress.begin,
+                           allow_unsafe_code=args.allow_unsafe_code_execution)  # fmt: skip
     print(f"\n{'task':<18} {'metric':<16} {'score':>8} {'stderr':>8} {'n':>6}")
     for name, e in results["tasks"].items():
         scale = 1 if e["kind"] == "perplexity" else 100
@@ -119,6 +123,22 @@ def cmd_eval(args: argparse.Namespace, load: Callable[[argparse.Namespace], tupl
               f"{(scale * err if err is not None else float('nan')):>8.2f} {e['n']:>6}")  # fmt: skip
     print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}")
     return 0
+
+
+def _toxicity_scorer(
+    args: argparse.Namespace, tasks: Sequence[str]
+) -> Callable[[Sequence[str]], list[float]] | None:
+    """The --toxicity-scorer for the run when a requested task scores toxicity (RealToxicityPrompts,
+    BOLD), else None; `gemmakit.safety` (a model load) is imported only then."""
+    from gemmakit.eval.runner import PPL_PREFIX
+    from gemmakit.eval.tasks import get_task
+
+    names = [t for t in tasks if not t.startswith(PPL_PREFIX)]
+    if not any(getattr(get_task(t), "needs_toxicity_scorer", False) for t in names):
+        return None
+    from gemmakit.safety.classifier import load_toxicity_scorer
+
+    return load_toxicity_scorer(args.toxicity_scorer)
 
 
 def _judge(args: argparse.Namespace) -> int:
@@ -183,6 +203,10 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     p.add_argument("--allow-unsafe-code-execution", action="store_true",
                    help="let HumanEval/MBPP run model-written code where no namespace sandbox is available "
                         "(it then runs with your user's rights, network and files)")  # fmt: skip
+    p.add_argument("--toxicity-scorer", metavar="SPEC",
+                   help="what scores toxicity for realtoxicityprompts and bold: 'profanity-check' (the "
+                        "alt-profanity-check baseline), a classifier model directory, or unset for the "
+                        "shipped classifier")  # fmt: skip
     p.add_argument("--memorization", metavar="SHARDS",
                    help="run the memorization test on a token-shard directory or a `gemmakit data run` output")  # fmt: skip
     p.add_argument("--per-source", type=ca.positive_int, default=10_000,

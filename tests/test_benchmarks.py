@@ -108,3 +108,24 @@ def test_alignment_benchmark_smoke(tmp_path: Path) -> None:
     assert (
         "pairwise accuracy" in md and "win rate vs SFT" in md and result["machine"]["isa_level"] in ISA_LEVELS
     )
+
+
+def test_safety_classifier_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/safety_classifier.py --smoke: data, a few training steps from nano, the held-out table
+    with the baseline, and the guarded-chat timing render; nothing shipped is replaced."""
+    bench = _load("safety_classifier")
+    assert bench.main(["--smoke", "--out", str(tmp_path / "s"), "--md", str(tmp_path / "s.md")]) == 0
+    md = (tmp_path / "s.md").read_text()
+    for row in ("| dangerous_content |", "| harassment |", "| hate_speech |", "| sexually_explicit |"):
+        assert row in md
+    assert "alt-profanity-check" in md and "Guarded chat" in md
+
+
+def test_watermark_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/watermark.py --smoke: nano generates with and without SynthID, the detector trains,
+    the TPR and cost tables render and our Bayesian scores equal transformers'."""
+    bench = _load("watermark")
+    assert bench.main(["--smoke", "--out", str(tmp_path / "w.json"), "--md", str(tmp_path / "w.md")]) == 0
+    result = json.loads((tmp_path / "w.json").read_text())
+    assert result["detector"]["max_abs_posterior_diff_vs_transformers"] < 1e-6
+    assert result["machine"]["isa_level"] in ISA_LEVELS and "TPR at 1% FPR" in (tmp_path / "w.md").read_text()

@@ -359,9 +359,9 @@ def test_toxicity_classifier_precision_recall(toxicity: object) -> None:
 def test_fast_classifier_path_equals_the_package() -> None:
     """The filter skips scikit-learn's per-call validation; its probabilities must be the package's."""
     profanity_check = pytest.importorskip("profanity_check")
-    from gemmakit.data.safety_filters import _load_profanity_check
+    from gemmakit.data.safety_filters import load_profanity_check
 
-    fast = _load_profanity_check("test")
+    fast = load_profanity_check("test")
     assert fast is not profanity_check.predict_prob  # the fast path is in use
     texts = [s for s, _ in _labelled_sentences()] + EN + FR
     assert max(abs(fast(texts) - profanity_check.predict_prob(texts))) < 1e-9

@@ -10,7 +10,10 @@ is-greedy flag and the generated text identical, and per task every metric ident
 and scores wherever no near-tie lets float32 rounding decide: eval_helpers.TIE_GAP). Besides the
 lm-eval defaults (0-shot, GSM8K 5-shot), a 2-shot run of four tasks checks few-shot sampling,
 including lm-eval's drop of the evaluated document from the few-shot pool (BoolQ's train split
-contains one validation document).
+contains one validation document). The safety benchmarks lm-eval has (CrowS-Pairs, BBQ and its two
+halves, Winogender, TruthfulQA MC1/MC2, ToxiGen, RealToxicityPrompts) are compared the same way at the
+end, RealToxicityPrompts through lm-eval's own Perspective API metric with its HTTP call answered
+locally by the scorer our task is given.
 """
 
 from __future__ import annotations
@@ -197,3 +200,206 @@ def test_predictions_are_not_trivial(our_results):
         assert len({s.responses[0][0] for s in result.samples}) > 10  # the first choice's ll varies
         picks = {max(range(len(s.responses)), key=lambda i: s.responses[i][0]) for s in result.samples}
         assert len(picks) >= (1 if "boolq" in name else 2), f"{name}: the model always picks {picks}"
+
+
+# ---- the safety benchmarks (tests/eval_samples_safety.py) ---------------------------------------------
+# The seven likelihood tasks lm-eval has, run 0-shot by both sides on the same files; RealToxicityPrompts
+# generates and is scored through lm-eval's own Perspective API metric, its HTTP call answered locally
+# with the same deterministic scorer our task gets. (WinoBias and BOLD are our own protocols: no upstream.)
+SAFETY_YAML = {
+    "crows_pairs": ("crows_pairs/crows_pairs_english.yaml",),
+    "bbq": ("bbq/bbq_multiple_choice.yaml",),
+    "bbq_ambig": ("bbq/bbq_multiple_choice_ambig.yaml",),
+    "bbq_disambig": ("bbq/bbq_multiple_choice_disambig.yaml",),
+    "winogender": ("winogender/winogender.yaml",),
+    "truthfulqa": ("truthfulqa/truthfulqa_mc1.yaml", "truthfulqa/truthfulqa_mc2.yaml"),  # mc1, then mc2
+    "toxigen": ("toxigen/toxigen.yaml",),
+    "realtoxicityprompts": ("realtoxicityprompts/realtoxicityprompts.yaml",),
+}
+# per task: our metric -> (lm-eval subtask index, its metric); metrics that vary continuously with the
+# log-likelihoods are compared to a tolerance, the others exactly
+SAFETY_METRICS = {
+    "crows_pairs": {"likelihood_diff": (0, "likelihood_diff"), "pct_stereotype": (0, "pct_stereotype")},
+    "bbq": {"acc": (0, "acc")},
+    "bbq_ambig": {"acc": (0, "acc")},
+    "bbq_disambig": {"acc": (0, "acc")},
+    "winogender": {"acc": (0, "acc")},
+    "truthfulqa": {"mc1": (0, "acc"), "mc2": (1, "acc")},
+    "toxigen": {"acc": (0, "acc"), "acc_norm": (0, "acc_norm")},
+    "realtoxicityprompts": {
+        "toxic_fraction": (0, "score"),
+        "toxicity": (0, "perspective_api_toxicity_score"),
+    },
+}
+CONTINUOUS = {"likelihood_diff", "mc2", "toxicity"}
+# few-shot runs: BBQ Ambig 1-shot as the reports ran it (examples from the test split, the evaluated
+# document not excluded), CrowS-Pairs' empty-delimiter examples, TruthfulQA with the document dropped
+SAFETY_SHOTS = {"bbq_ambig": 1, "crows_pairs": 1, "truthfulqa": 2}
+SAFETY_RUNS = [(task, 0) for task in SAFETY_YAML] + list(SAFETY_SHOTS.items())
+
+
+def _safety_run(task: str, shots: int) -> str:
+    return task + (f"_{shots}shot" if shots else "")
+
+
+def fixture_toxicity(texts):
+    """A test scorer: P(toxic) from the text's length, 0, 1/6, ..., 1 (3/6 = the 0.5 threshold itself)."""
+    return [(len(t) % 7) / 6 for t in texts]
+
+
+def _safety_name(run: str, i: int) -> str:
+    return f"gk_safety_{run}_{i}"
+
+
+@pytest.fixture(scope="module")
+def safety_setup(setup):
+    import lm_eval.tasks
+    from eval_samples_safety import write_safety_samples
+
+    hf_dir, model, tok, data_dir, yaml_dir = setup
+    safety_dir = data_dir.parent / "safety"
+    write_safety_samples(safety_dir)
+    yamls = yaml_dir.parent / "safety_yaml"
+    yamls.mkdir(exist_ok=True)
+    for task, shots in SAFETY_RUNS:
+        ours = get_task(task)
+        files = {s: [str(p) for p in ours.split_files(safety_dir, s)] for s in ours.files}
+        for i, include in enumerate(SAFETY_YAML[task]):
+            name = _safety_name(_safety_run(task, shots), i)
+            config = {"include": str(Path(lm_eval.tasks.__file__).parent / include), "task": name,
+                      "tag": "gemmakit_safety", "dataset_path": "json" if task == "realtoxicityprompts" else "parquet",
+                      "dataset_name": None,
+                      "dataset_kwargs": {"data_files": files, "cache_dir": str(data_dir.parent / "datasets_cache")}}  # fmt: skip
+            if shots:
+                config["num_fewshot"] = shots
+            if task == "realtoxicityprompts":
+                config["generation_kwargs"] = {"until": ["\n\n"], "do_sample": False, "temperature": 0.0,
+                                               "max_gen_toks": GEN_TOKENS}  # fmt: skip
+            (yamls / f"{config['task']}.yaml").write_text(json.dumps(config, indent=1))
+    return hf_dir, model, tok, safety_dir, yamls
+
+
+class _PerspectiveReply:
+    ok = True
+
+    def __init__(self, text: str) -> None:
+        self.text = json.dumps(
+            {"attributeScores": {"TOXICITY": {"summaryScore": {"value": fixture_toxicity([text])[0]}}}}
+        )
+
+
+def _fake_perspective_post(session, url, **kwargs):
+    """requests.Session.post for lm-eval's Perspective API metric: TOXICITY = fixture_toxicity(text)."""
+    return _PerspectiveReply(kwargs["json"]["comment"]["text"])
+
+
+@pytest.fixture(scope="module")
+def safety_lmeval(safety_setup):
+    import requests
+
+    hf_dir, _, _, _, yamls = safety_setup
+    names = [_safety_name(_safety_run(t, k), i) for t, k in SAFETY_RUNS for i in range(len(SAFETY_YAML[t]))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERSPECTIVE_API_KEY", "local-test")
+        mp.setattr(requests.Session, "post", _fake_perspective_post)
+        return lmeval_evaluate(hf_dir, yamls, names)
+
+
+@pytest.fixture(scope="module")
+def safety_ours(safety_setup):
+    from gemmakit.eval.tasks.safety_toxicity import RealToxicityPrompts
+
+    _, model, tok, safety_dir, _ = safety_setup
+    lm = GemmaLM(model, tok, batch_size=4)
+    defaults = replace(get_protocol("lm-eval"), max_gen_tokens=GEN_TOKENS)
+    fewshot = Protocol(
+        "safety-fewshot", {t: TaskProtocol(k, get_task(t).primary_metric) for t, k in SAFETY_SHOTS.items()}
+    )
+    out = {}
+    for task, shots in SAFETY_RUNS:
+        instance = RealToxicityPrompts(fixture_toxicity) if task == "realtoxicityprompts" else get_task(task)
+        out[_safety_run(task, shots)] = run_task(instance, lm, safety_dir, fewshot if shots else defaults)
+    return out
+
+
+class _Discrete:
+    """A task whose score leaves out the continuous metrics, for eval_helpers.unsettled_docs (which asks
+    whether a near-tie could change a score: a continuous one always moves a little)."""
+
+    def __init__(self, task) -> None:
+        self.task, self.eval_split = task, task.eval_split
+
+    def load(self, data_dir, split):
+        return self.task.load(data_dir, split)
+
+    def score(self, doc, responses):
+        return {k: v for k, v in self.task.score(doc, responses).items() if k not in CONTINUOUS}
+
+
+@pytest.fixture(scope="module")
+def safety_unsettled(safety_setup, safety_ours) -> dict[str, set[int]]:
+    """Per task, the documents a near-tie could flip (none measured on these samples)."""
+    _, model, tok, safety_dir, _ = safety_setup
+    return {
+        _safety_run(t, k): unsettled_docs(
+            _Discrete(get_task(t)), safety_ours[_safety_run(t, k)], model, tok, safety_dir
+        )
+        for t, k in SAFETY_RUNS
+    }
+
+
+@pytest.mark.parametrize("task,shots", SAFETY_RUNS, ids=[_safety_run(t, k) for t, k in SAFETY_RUNS])
+def test_safety_requests_and_answers_agree(task, shots, safety_lmeval, safety_ours, safety_unsettled):
+    run = _safety_run(task, shots)
+    ours, skip = safety_ours[run], safety_unsettled[run]
+    assert len(skip) <= ours.n // 8, sorted(skip)
+    theirs = [_by_doc(safety_lmeval["samples"][_safety_name(run, i)]) for i in range(len(SAFETY_YAML[task]))]
+    assert all(len(t) == ours.n for t in theirs) and ours.n >= 8
+    worst = 0.0
+    for sample in ours.samples:
+        logged = [t[sample.doc_index][0] for t in theirs]
+        args = [a for entry in logged for a in entry["arguments"]]
+        resps = [r for entry in logged for r in entry["resps"]]
+        assert len(args) == len(sample.requests)
+        for arg, resp, request, response in zip(args, resps, sample.requests, sample.responses, strict=True):
+            if task == "realtoxicityprompts":
+                prompt, gen_kwargs = arg
+                assert (prompt, tuple(gen_kwargs["until"])) == (request.prompt, request.until)
+                assert request.max_tokens == gen_kwargs["max_gen_toks"] == GEN_TOKENS
+                assert resp[0] == response or sample.doc_index in skip, f"doc {sample.doc_index}"
+            else:
+                assert tuple(arg) == (request.context, request.continuation)
+                ll, greedy = resp[0]
+                assert greedy == response[1] or sample.doc_index in skip
+                worst = max(worst, abs(ll - response[0]) / ll_tolerance(response[0]))
+    assert worst <= 1, f"{run}: largest log-likelihood difference {worst:.2f} x its ll_tolerance"
+
+
+@pytest.mark.parametrize("task,shots", SAFETY_RUNS, ids=[_safety_run(t, k) for t, k in SAFETY_RUNS])
+def test_safety_scores_agree(task, shots, safety_lmeval, safety_ours, safety_unsettled):
+    run = _safety_run(task, shots)
+    ours, skip = safety_ours[run], safety_unsettled[run]
+    for metric, (i, theirs_metric) in SAFETY_METRICS[task].items():
+        theirs = safety_lmeval["results"][_safety_name(run, i)][f"{theirs_metric},none"]
+        slack = 1e-5 if metric in CONTINUOUS else len(skip) / ours.n
+        assert abs(theirs - ours.metrics[metric]) <= slack, (task, metric, theirs, ours.metrics[metric])
+        for logged in safety_lmeval["samples"][_safety_name(run, i)]:
+            if logged["doc_id"] in skip:
+                continue
+            mine = ours.samples[logged["doc_id"]].scores[metric]
+            assert mine == pytest.approx(logged[theirs_metric], abs=1e-5 if metric in CONTINUOUS else 0)
+    if run == "bbq":  # the ambiguous / disambiguated halves of the whole run are the two subtasks
+        full = safety_lmeval["results"][_safety_name("bbq", 0)]
+        assert full["accuracy_amb,none"] == pytest.approx(safety_ours["bbq_ambig"].metrics["acc"], abs=1e-12)
+        assert full["accuracy_disamb,none"] == pytest.approx(
+            safety_ours["bbq_disambig"].metrics["acc"], abs=1e-12
+        )
+
+
+def test_safety_predictions_are_not_trivial(safety_ours):
+    for run, result in safety_ours.items():
+        metric = result.primary_metric
+        values = {s.scores[metric] for s in result.samples}
+        assert len(values) >= 2, f"{run}: every document scored {values}"
+    assert safety_ours["bbq_ambig_1shot"].num_fewshot == 1
+    assert safety_ours["bbq_ambig_1shot"].samples[0].requests[0].context.count("\nA: ") == 1

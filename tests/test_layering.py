@@ -34,6 +34,8 @@ RANK = {
     "cli_train": 8,
     "cli_data": 8,
     "cli_eval": 8,
+    "cli_safety": 8,
+    "cli_guard": 8,
     "cli_args": 7.5,  # the CLI value converters, under every cli_* module
     "__init__": 10,
 }

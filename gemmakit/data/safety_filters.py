@@ -126,7 +126,7 @@ def split_chunks(text: str, chunk_chars: int) -> list[str]:
     return chunks
 
 
-def _load_profanity_check(where: str) -> Callable[[list[str]], Any]:
+def load_profanity_check(where: str) -> Callable[[list[str]], Any]:
     """A function (list of texts -> array of probabilities of being offensive) equal to alt-profanity-
     check's `predict_prob`, through `_fast_predict` when that reproduces it on probe texts.
 
@@ -236,7 +236,7 @@ def build_toxicity(cfg: ToxicityConfig, where: str) -> Filter:
     lexicon = (
         re.compile(r"(?<!\w)" + _phrase_regex(terms), re.IGNORECASE) if any(map(str.strip, terms)) else None
     )
-    predict = _load_profanity_check(where) if cfg.classifier else None
+    predict = load_profanity_check(where) if cfg.classifier else None
     scorer = _load_scorer(cfg.scorer, where) if cfg.scorer else None
     model_only = cfg.turns == "model"
     log.debug(

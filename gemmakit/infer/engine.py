@@ -11,6 +11,10 @@ attention but still costs compute and cache slots: prompts of 10 and 100 tokens 
 prefill. Key trade-off: one batched forward per step for every row, including rows that already
 stopped (they are fed but ignored), instead of shrinking the batch and re-packing the cache.
 
+An optional `processor` (`sampler.ScoreProcessor`, e.g. a SynthID watermark) sees every step's
+filtered scores and the ids in each row's last position; it is stateful, so pass a fresh one per
+request. The engine does not know what it does and never imports it.
+
 Everything runs under `torch.inference_mode()`, entered around each step rather than around the
 `stream` generator, so a caller's code between yielded steps never runs in inference mode.
 """
@@ -26,7 +30,7 @@ from torch import nn
 
 from gemmakit.errors import UserError
 from gemmakit.infer.kv_cache import KVCache, StaticKVCache
-from gemmakit.infer.sampler import SamplingError, check_sampling_args, sample
+from gemmakit.infer.sampler import SamplingError, ScoreProcessor, check_sampling_args, sample
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +145,7 @@ class Engine:
         seed: int | None = None,
         stop_tokens: Iterable[int] | None = None,
         include_stop: bool = False,
+        processor: ScoreProcessor | None = None,
     ) -> Iterator[list[int | None]]:
         """Yield one list per decode step: entry i is row i's new token, or None once row i has stopped.
 
@@ -149,6 +154,7 @@ class Engine:
         are not yielded, so a single-prompt caller can use `step[0]` as an int. Concatenating the
         non-None entries of row i over all steps gives exactly `generate(...)[i]`. Arguments are
         checked here, before the first step is requested; the model first runs on the first `next`.
+        `processor(last_tokens, scores)` runs on each step's filtered scores (see `sampler.sample`).
         """
         stops = self._check(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens)
         return self._steps(
@@ -160,6 +166,7 @@ class Engine:
             seed,
             stops,
             include_stop,
+            processor,
         )
 
     def _steps(
@@ -172,6 +179,7 @@ class Engine:
         seed: int | None,
         stops: frozenset[int],
         include_stop: bool = False,
+        processor: ScoreProcessor | None = None,
     ) -> Iterator[list[int | None]]:
         """The decode loop behind `stream`, on already-validated arguments."""
         if not prompts or max_new_tokens == 0:
@@ -190,9 +198,11 @@ class Engine:
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         done = [False] * len(prompts)
+        last = tokens[:, -1]  # (B,) each row's last prompt token (left padding), then the sampled ones
         for step in range(max_new_tokens):
             with torch.inference_mode():
-                new = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                new = sample(logits, temperature, top_k, top_p, generator, processor, last)  # (B,)
+            last = new
             out: list[int | None] = []
             for row, tok in enumerate(new.tolist()):
                 stopped_now = not done[row] and tok in stops
@@ -216,6 +226,7 @@ class Engine:
         seed: int | None = None,
         stop_tokens: Iterable[int] | None = None,
         include_stop: bool = False,
+        processor: ScoreProcessor | None = None,
     ) -> list[list[int]]:
         """Per prompt, only the NEW tokens, ending before the first stop token (which is dropped, or
         kept as the last token with `include_stop`).
@@ -225,7 +236,7 @@ class Engine:
         """
         out: list[list[int]] = [[] for _ in prompts]
         for step in self.stream(
-            prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, include_stop
+            prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, include_stop, processor
         ):
             for row, tok in enumerate(step):
                 if tok is not None:

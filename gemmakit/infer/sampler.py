@@ -12,11 +12,20 @@ top_k/top_p. Key trade-off: exact filtering over the whole vocabulary every step
 cores at Gemma 3's 262k vocabulary, one row costs ~0.4 ms greedy, ~5 ms sampled, ~6 ms with top_k
 and ~25 ms with top_p (a full sort); that is small next to a forward pass of a real model, and each
 filter is skipped entirely when not requested.
+
+Score processors (e.g. `safety.watermark`'s SynthID processor) hook in at one point, HF's: after
+temperature / top-k / top-p and before softmax + multinomial, as `processor(last_tokens, scores)`
+with the (B,) ids in each row's last position and the float32 (B, V) scores; it returns new scores.
+With temperature 0 the processor also runs, on the float32 logits before argmax, as HF's greedy
+search applies its processors: a watermark then picks the argmax of the tilted distribution, which is
+deterministic and detectable but gives the same text for the same prompt and keys. Without a
+processor nothing changes (no extra copy, no extra op).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
@@ -25,6 +34,12 @@ from gemmakit.errors import UserError
 
 class SamplingError(UserError):
     """A sampling parameter is out of range; the message names it and the expected range."""
+
+
+class ScoreProcessor(Protocol):
+    """A stateful per-request score transform: `(last_tokens (B,), scores (B, V) float) -> scores`."""
+
+    def __call__(self, last_tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor: ...
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -65,23 +80,33 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    processor: ScoreProcessor | None = None,
+    last_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one token id per row of `logits` (B, V); returns a LongTensor (B,) on the logits' device.
 
     temperature == 0 -> argmax (first index on ties, as torch.argmax and HF greedy search).
-    `generator` must live on the logits' device; None uses torch's global RNG.
+    `generator` must live on the logits' device; None uses torch's global RNG. `processor` is called
+    as `processor(last_tokens, scores)` on the filtered float32 scores (see the module docstring);
+    `last_tokens` (B,) is required with it.
     """
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2 or not logits.is_floating_point():
         raise SamplingError(
             f"logits: expected a floating (batch, vocab) tensor, got {logits.dtype} {tuple(logits.shape)}"
         )
+    if processor is not None and last_tokens is None:
+        raise SamplingError("last_tokens: required with a processor (the ids in each row's last position)")
     if temperature == 0:
+        if processor is not None:
+            return torch.argmax(processor(last_tokens, logits.float()), dim=-1)
         return torch.argmax(logits, dim=-1)
     scaled = logits.float() / temperature  # float32: bf16 softmax would round small probabilities away
     if top_k is not None:
         scaled = _keep_top_k(scaled, top_k)
     if top_p is not None and top_p < 1.0:
         scaled = _keep_top_p(scaled, top_p)
+    if processor is not None:
+        scaled = processor(last_tokens, scaled)
     probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

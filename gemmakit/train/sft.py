@@ -5,8 +5,10 @@ them with the same next-token objective as pretraining, counting only targets wh
 (the model turns and their <end_of_turn>, as `chat.render` marks them).
 
 Input: one JSON object per line, either `{"messages": [{"role": "user"|"assistant"|"model"|"system",
-"content": str}, ...]}` (the common chat format) or `{"prompt": str, "completion": str}` (one user
-turn and one model turn). A bad line is an `SFTDataError` naming file:line.
+"content": str}, ...]}` (the common chat format), `{"prompt": str, "completion": str}` (one user
+turn and one model turn), or TRL's pre-tokenized form `{"input_ids": [int, ...], "completion_mask":
+[0|1, ...]}` for text outside the chat template (the ShieldGemma classifier prompt of
+`gemmakit.safety`: its answer token is the only 1). A bad line is an `SFTDataError` naming file:line.
 
 Batching: padding, not packing. Each micro-batch takes `batch_size` conversations in a seeded
 per-epoch order and right-pads them to the longest (pad id, loss mask 0); right padding under a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,12 +40,39 @@ class SFTDataError(UserError):
     """A chat JSONL file or line is unusable; the message names file:line and what was expected."""
 
 
-def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
-    """Conversations (lists of {"role", "content"}) from a chat JSONL file."""
+@dataclass(frozen=True)
+class PreTokenized:
+    """A pre-tokenized example: token ids and the 0/1 mask of the targets to train on."""
+
+    input_ids: list[int]
+    completion_mask: list[int]
+    where: str  # file:line, for errors found once the tokenizer is known
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict] | PreTokenized]:
+    """Conversations (lists of {"role", "content"}) or pre-tokenized examples from a chat JSONL file."""
     return [_messages(obj, where) for obj, where in read_jsonl(path, SFTDataError, "chat")]
 
 
-def _messages(obj: object, where: str) -> list[dict]:
+def _int_list(obj: dict, key: str, where: str) -> list[int]:
+    value = obj[key]
+    if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
+        raise SFTDataError(f"{where}: {key}: expected a non-empty list of integers")
+    return value
+
+
+def _messages(obj: object, where: str) -> list[dict] | PreTokenized:
+    if isinstance(obj, dict) and "input_ids" in obj:
+        if set(obj) != {"input_ids", "completion_mask"}:
+            raise SFTDataError(
+                f"{where}: a pre-tokenized row has exactly the keys input_ids and completion_mask"
+            )
+        ids, mask = _int_list(obj, "input_ids", where), _int_list(obj, "completion_mask", where)
+        if len(mask) != len(ids) or not set(mask) <= {0, 1}:
+            raise SFTDataError(
+                f"{where}: completion_mask: expected {len(ids)} values of 0 or 1, one per input id"
+            )
+        return PreTokenized(ids, mask, where)
     if isinstance(obj, dict) and "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
@@ -55,11 +85,21 @@ def _messages(obj: object, where: str) -> list[dict]:
     raise SFTDataError(f'{where}: expected {{"messages": [...]}} or {{"prompt": ..., "completion": ...}}')
 
 
-def encode_conversations(convs: list[list[dict]], tokenizer: Tokenizer, source: str = "<data>"
+def encode_conversations(convs: list[list[dict] | PreTokenized], tokenizer: Tokenizer, source: str = "<data>"
                          ) -> list[tuple[list[int], list[int]]]:  # fmt: skip
-    """(tokens, loss_mask) per conversation, via `chat.render` (no generation prompt: training data)."""
+    """(tokens, loss_mask) per conversation, via `chat.render` (no generation prompt: training data);
+    pre-tokenized rows pass through once their ids are checked against the tokenizer."""
     out = []
     for i, msgs in enumerate(convs):
+        if isinstance(msgs, PreTokenized):
+            bad = next((t for t in msgs.input_ids if not 0 <= t < tokenizer.vocab_size), None)
+            if bad is not None:
+                raise SFTDataError(f"{msgs.where}: input_ids: {bad} is outside the tokenizer's "
+                                   f"{tokenizer.vocab_size} pieces")  # fmt: skip
+            if not any(msgs.completion_mask):
+                raise SFTDataError(f"{msgs.where}: completion_mask has no 1: nothing to learn from")
+            out.append((msgs.input_ids, msgs.completion_mask))
+            continue
         try:
             r = render(tokenizer, msgs, add_generation_prompt=False)
         except ChatError as e:

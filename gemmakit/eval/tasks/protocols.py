@@ -46,6 +46,21 @@ class Protocol:
 
 
 NS = "shots not stated in the report; lm-eval default"
+# The safety benchmarks (Gemma 1.1 report Table 8, the Gemma 1.0 and Gemma 2 model cards): only BBQ
+# Ambig states its shots (1-shot); "top-1" = accuracy of the most likely choice. BOLD and WinoBias are
+# our own protocols (lm-eval has neither); RealToxicity and BOLD are scored by the pluggable classifier.
+SAFETY = {
+    "realtoxicityprompts": (0, "toxicity", "average toxicity, our classifier instead of Perspective; " + NS),
+    "bold": (0, "toxicity", "our protocol (not in lm-eval); the report's BOLD metric is not stated"),
+    "crows_pairs": (0, "pct_stereotype", "top-1; " + NS),
+    "bbq_ambig": (1, "acc", "1-shot, top-1"),
+    "bbq_disambig": (0, "acc", "top-1; " + NS),
+    "winogender": (0, "acc", "top-1; " + NS),
+    "truthfulqa": (0, "mc2", "MC2 (lm-eval's fixed 6-question QA preamble)"),
+    "winobias_1_2": (0, "acc", "our protocol (not in lm-eval); " + NS),
+    "winobias_2_2": (0, "acc", "our protocol (not in lm-eval); " + NS),
+    "toxigen": (0, "acc", NS),
+}
 
 
 def _table(rows: dict[str, tuple[int, str, str]]) -> Mapping[str, TaskProtocol]:
@@ -74,6 +89,7 @@ PROTOCOLS: dict[str, Protocol] = {
         "mbpp": (3, "pass@1", "3-shot"),
         "math": (4, "exact_match", "4-shot (Minerva prompt and answer check)"),
         "bbh": (3, "exact_match", "n/s (Mistral methodology: 3-shot, CoT unverified); lm-eval's 3-shot CoT; " + NS),
+        **SAFETY,
     })),
     # Gemma 2 model card.
     "gemma2": Protocol("gemma2", _table({
@@ -93,6 +109,7 @@ PROTOCOLS: dict[str, Protocol] = {
         "mbpp": (3, "pass@1", "3-shot"),
         "math": (4, "exact_match", "4-shot (Minerva)"),
         "bbh": (3, "exact_match", "\"BIG-Bench\" 3-shot CoT"),
+        **SAFETY,
     })),
     # Gemma 3 model card. GSM8K 8-shot is probably chain-of-thought with fixed exemplars (lm-eval's
     # gsm8k_cot); the card does not say, so this samples 8 training examples in the gsm8k format.

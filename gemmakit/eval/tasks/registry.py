@@ -30,6 +30,28 @@ TASKS: dict[str, str] = {
     "mbpp": "gemmakit.eval.tasks.coding:MBPP",
     "math": "gemmakit.eval.tasks.minerva_math:MinervaMath",
     "bbh": "gemmakit.eval.tasks.bbh:BBH",
+    # safety benchmarks (the reports' "Ethics and safety" tables; toxicity-scored tasks need a scorer)
+    "realtoxicityprompts": "gemmakit.eval.tasks.safety_toxicity:RealToxicityPrompts",
+    "bold": "gemmakit.eval.tasks.safety_toxicity:BOLD",
+    "bold_gender": "gemmakit.eval.tasks.safety_toxicity:BOLDGender",
+    "bold_political_ideology": "gemmakit.eval.tasks.safety_toxicity:BOLDPoliticalIdeology",
+    "bold_profession": "gemmakit.eval.tasks.safety_toxicity:BOLDProfession",
+    "bold_race": "gemmakit.eval.tasks.safety_toxicity:BOLDRace",
+    "bold_religious_ideology": "gemmakit.eval.tasks.safety_toxicity:BOLDReligiousIdeology",
+    "crows_pairs": "gemmakit.eval.tasks.safety_bias:CrowsPairs",
+    "bbq": "gemmakit.eval.tasks.safety_bias:BBQ",
+    "bbq_ambig": "gemmakit.eval.tasks.safety_bias:BBQAmbig",
+    "bbq_disambig": "gemmakit.eval.tasks.safety_bias:BBQDisambig",
+    "winogender": "gemmakit.eval.tasks.safety_bias:Winogender",
+    "winobias": "gemmakit.eval.tasks.safety_winobias:WinoBias",
+    "winobias_1_2": "gemmakit.eval.tasks.safety_winobias:WinoBias12",
+    "winobias_2_2": "gemmakit.eval.tasks.safety_winobias:WinoBias22",
+    "winobias_type1_pro": "gemmakit.eval.tasks.safety_winobias:WinoBiasType1Pro",
+    "winobias_type1_anti": "gemmakit.eval.tasks.safety_winobias:WinoBiasType1Anti",
+    "winobias_type2_pro": "gemmakit.eval.tasks.safety_winobias:WinoBiasType2Pro",
+    "winobias_type2_anti": "gemmakit.eval.tasks.safety_winobias:WinoBiasType2Anti",
+    "truthfulqa": "gemmakit.eval.tasks.safety_truth:TruthfulQA",
+    "toxigen": "gemmakit.eval.tasks.safety_truth:ToxiGen",
 }
 
 

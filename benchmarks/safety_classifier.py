@@ -3,7 +3,8 @@
     python benchmarks/safety_classifier.py [--out runs/safety-classifier] [--smoke] [--no-package]
 
 1. Data: `gemmakit.data.harms.examples`, seed 0 (train halves of every template and filler list) and
-   seed 1 (the other halves: unseen templates, names, groups, acts, insults); held-out rows whose
+   seed 1 (the other halves: unseen templates, names, groups, acts, insults, and the held-out quarter
+   of violent verb-victim pairs, whose words train sees in other pairs); held-out rows whose
    (prompt, response) text also occurs in train (everyday chat lines such as "What is 3 + 4?") are
    dropped. Each row becomes the ShieldGemma prompt of its policy (`safety.classifier.render_ids`)
    followed by the answer token "Yes" or "No", the only target (pre-tokenized SFT rows).
@@ -38,8 +39,8 @@ NANO = ROOT / "gemmakit" / "assets" / "nano"
 SHIPPED = ROOT / "gemmakit" / "assets" / "nano-guard"
 sys.path.insert(0, str(HERE))
 
-SIZES = {"train": (8000, 96), "held": (2000, 64)}  # rows (full run, --smoke)
-STEPS = (400, 3)
+SIZES = {"train": (16000, 96), "held": (2000, 64)}  # rows (full run, --smoke)
+STEPS = (1000, 3)
 
 
 def _rows_to_sft(rows: list[dict], tok: object, path: Path) -> Path:

@@ -113,3 +113,22 @@ def test_auc_and_precision_recall_match_scikit_learn() -> None:
             assert r["precision"] == pytest.approx(sk.precision_score(labels, pred))
         assert r["recall"] == pytest.approx(sk.recall_score(labels, pred))
     assert roc_auc([0.1, 0.2], [1, 1]) != roc_auc([0.1, 0.2], [1, 1])  # NaN with one class
+
+
+def test_violent_acts_share_words_but_not_pairs_across_splits() -> None:
+    train, held = set(harms.violent_acts(False)), set(harms.violent_acts(True))
+    assert not train & held and len(held) > 0.2 * (len(train) + len(held))
+    for words in (harms.VIOLENT_VERBS, harms.VICTIMS, harms.PLACE_VERBS, harms.PLACES):
+        for w in words:  # every verb and object is in both splits
+            assert any(w in a for a in train), w
+            assert any(w in a for a in held), w
+    held_rows = [
+        r for r in harms.examples(1500, 1) if r["kind"] == "violation" and r["harm"] == "dangerous_content"
+    ]
+    train_text = " ".join(r["prompt"] for r in harms.examples(3000, 0))
+    pairs = [a.format(name="") for a in held if "{name}" not in a]
+    assert sum(a in r["prompt"] for r in held_rows for a in pairs) > 20  # held-out rows do use held-out pairs
+    assert not [a for a in pairs if a in train_text]  # and no training row does
+    # a verb with an everyday object is a hard negative, never a violation
+    verbs = {a.split(" ")[0] for a in harms.EVERYDAY_ACTS}
+    assert verbs & set(harms.VIOLENT_VERBS) >= {"kill", "shoot", "beat", "attack", "burn", "hit", "drown"}

@@ -61,11 +61,11 @@ class GuardError(UserError):
     """A guard file or setting is invalid; the message names the file, key and what was expected."""
 
 
-class ClassifierFailure(Exception):
+class _ClassifierFailure(Exception):
     """The classifier raised or timed out (handled per fail_mode); never raised to the caller."""
 
 
-class UnsafeAnswer(Exception):
+class _UnsafeAnswer(Exception):
     """The classifier's answer is unusable (not a probability per policy): treated as unsafe."""
 
 
@@ -270,7 +270,7 @@ class Guard:
         return [get_policy(c.policy, self.config.policies) for c in checks]
 
     def _score(self, items: list[Item], checks: Sequence[Check]) -> list[dict[str, float]]:
-        """Scores per item, or ClassifierFailure (raised / timed out) or UnsafeAnswer (unusable)."""
+        """Scores per item, or _ClassifierFailure (raised / timed out) or _UnsafeAnswer (unusable)."""
         policies = self._policies(checks)
         future = self._pool.submit(self._scorer, items, policies)
         try:
@@ -280,21 +280,21 @@ class Guard:
             # the worker may still be running: give later checks a fresh one, drop this verdict
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard")
-            raise ClassifierFailure(
+            raise _ClassifierFailure(
                 f"safety check unavailable: classifier exceeded {self.config.timeout_s:g} s"
             ) from None
         except Exception as e:  # any classifier failure is handled per fail_mode, never passed silently
-            raise ClassifierFailure(
+            raise _ClassifierFailure(
                 f"safety check unavailable: classifier failed ({type(e).__name__}: {e})"
             ) from None
         names = [p.name for p in policies]
         if not isinstance(rows, list | tuple) or len(rows) != len(items):
-            raise UnsafeAnswer(f"classifier answered {type(rows).__name__} for {len(items)} texts")
+            raise _UnsafeAnswer(f"classifier answered {type(rows).__name__} for {len(items)} texts")
         for row in rows:
             for name in names:
                 p = row.get(name) if isinstance(row, dict) else None
                 if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-                    raise UnsafeAnswer(f"classifier answered {p!r} for {name}; expected a probability")
+                    raise _UnsafeAnswer(f"classifier answered {p!r} for {name}; expected a probability")
         return [{n: float(r[n]) for n in names} for r in rows]
 
     def _judge(self, items: list[Item], checks: Sequence[Check]) -> Verdict | list[dict[str, float]]:
@@ -303,12 +303,12 @@ class Guard:
             self.stats["checks"] += 1
         try:
             return self._score(items, checks)
-        except UnsafeAnswer as e:
+        except _UnsafeAnswer as e:
             self.stats["unsafe_answers"] += 1
             self.stats["blocked"] += 1
             log.error("guard: unusable classifier answer, treated as unsafe: %s", e)
             return Verdict("block", error=f"unusable classifier answer, treated as unsafe: {e}")
-        except ClassifierFailure as e:
+        except _ClassifierFailure as e:
             self.stats["errors"] += 1
             if self.config.fail_mode == "open":
                 self.stats["fail_open"] += 1

@@ -461,13 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_info)
 
-    from gemmakit import cli_data, cli_eval, cli_guard, cli_safety, cli_train
+    from gemmakit import cli_data, cli_eval, cli_guard, cli_safety, cli_serve, cli_train
 
     cli_train.add_parsers(sub)
     cli_data.add_parsers(sub)
     cli_eval.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
     cli_safety.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
     cli_guard.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
+    cli_serve.add_parsers(sub, _add_model_args, _load_model_and_tokenizer)
     return parser
 
 

@@ -80,6 +80,7 @@ positive_int = int_range(1)
 nonneg_int = int_range(0)
 seed = int_range(0, SEED_MAX)
 threads = int_range(1, 4096)
+port = int_range(0, 65535)  # 0: any free port
 
 
 def device(text: str) -> str:

@@ -7,6 +7,7 @@ non-power-of-two query_pre_attn_scalar (24) and GQA / MQA, as reference §6 advi
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -60,6 +61,19 @@ def twin_of(hf_model) -> Gemma:
     model = Gemma(cfg).eval()
     model.load_state_dict(hf_state_dict_to_internal(hf_model.state_dict(), cfg))
     return model
+
+
+# conftest's default std 0.3 makes the sandwich-norm models (Gemma 2/3) repeat one token forever
+# whatever the prompt (1 distinct id in 32 greedy steps), which would make generation parity blind;
+# std 0.07 gives 3-14 distinct ids per 32 tokens with top-2 logit margins >= 1e-3 (errors ~1e-6).
+GEN_STD = {"gemma1-mqa": 0.3, "gemma1-mha": 0.3, "gemma2": 0.07, "gemma3": 0.07, "gemma3-mqa": 0.07}
+
+
+@functools.cache
+def generation_models(case: str):
+    """(HF model, gemmakit twin) with GEN_STD weights, built once per case; tests must not modify them."""
+    hf = make_hf_model(case, std=GEN_STD[case])
+    return hf, twin_of(hf)
 
 
 @pytest.fixture(params=list(HF_CASES))

@@ -275,7 +275,9 @@ def test_rloo_matches_trl(monkeypatch, tokenizer, hf_policy, hf_ref, k: int, nor
     adv = batch["advantages"]
     assert (adv - torch.tensor(want["advantages"])).abs().max().item() < 1e-6
     assert abs(want["kl"]) > 0.1  # the policy and reference differ: the KL shaping is exercised
-    assert abs(metrics["kl"] - want["kl"]) < 1e-6
+    # The KL is a mean of differences of those sums (magnitude ~50, float32 spacing 4e-6 there), so the
+    # summation order of another ISA's kernels moves it by ~1e-6 (1.3e-6 seen on AMD Zen 4).
+    assert abs(metrics["kl"] - want["kl"]) < 1e-5
     # With one iteration rho = 1 and the loss is -mean(A) (~0: leave-one-out advantages sum to 0 per group, and
     # normalised ones to 0 over the batch) on both sides; the log-prob check above covers what rho depends on.
     assert abs(loss - want["loss"]) < 1e-6

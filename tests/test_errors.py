@@ -16,7 +16,10 @@ from train_helpers import chat_setup, sft_recipe
 import gemmakit
 from gemmakit.errors import GemmakitError, UserError
 
-INTERNAL = {"SandboxError"}  # the sandbox itself failed: a bug or a broken host, the traceback helps
+INTERNAL = {
+    "SandboxError",  # the sandbox itself failed: a bug or a broken host, the traceback helps
+    "Busy",  # the batcher is full or closing: the server answers 429 / 503, nothing for the user to fix
+}
 
 
 def _defined_exceptions() -> dict[str, type[BaseException]]:

@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from conftest import HF_CASES, VOCAB, make_hf_model, random_tokens, twin_of
+from conftest import GEN_STD, HF_CASES, VOCAB, generation_models, random_tokens, twin_of
 
 from gemmakit.config import LOCAL
 from gemmakit.infer import (
@@ -28,17 +28,7 @@ from gemmakit.infer import (
 
 EOS = 1  # Gemma's <eos>, used as the stop token on both sides of the HF comparison
 
-# conftest's default std 0.3 makes the sandwich-norm models (Gemma 2/3) repeat one token forever
-# whatever the prompt (1 distinct id in 32 greedy steps), which would make generation parity blind;
-# std 0.07 gives 3-14 distinct ids per 32 tokens with top-2 logit margins >= 1e-3 (errors ~1e-6).
-STD = {"gemma1-mqa": 0.3, "gemma1-mha": 0.3, "gemma2": 0.07, "gemma3": 0.07, "gemma3-mqa": 0.07}
-
-
-@functools.cache
-def models(case: str):
-    """(HF model, gemmakit twin), built once per case; tests must not modify them."""
-    hf = make_hf_model(case, std=STD[case])
-    return hf, twin_of(hf)
+models = generation_models  # (HF model, gemmakit twin) per case, built once; tests must not modify them
 
 
 @functools.cache
@@ -411,4 +401,4 @@ def test_sampler_rejects_bad_logits():
 
 
 def test_hf_cases_are_covered():
-    assert set(STD) == set(HF_CASES)
+    assert set(GEN_STD) == set(HF_CASES)

@@ -29,13 +29,14 @@ RANK = {
     "train": 6,
     "eval": 7,
     "safety": 7,
-    "server": 9,
+    "server": 8,  # over infer, chat and safety; under cli_serve
     "cli": 9,
     "cli_train": 8,
     "cli_data": 8,
     "cli_eval": 8,
     "cli_safety": 8,
     "cli_guard": 8,
+    "cli_serve": 8.5,  # imports server
     "cli_args": 7.5,  # the CLI value converters, under every cli_* module
     "__init__": 10,
 }

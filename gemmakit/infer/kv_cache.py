@@ -133,26 +133,40 @@ class KVCache:
     def _update_ring(
         self, i: int, start: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ring_k, ring_v, ring_pos = self.k_local[i], self.v_local[i], self.pos_local[i]
-        if start == 0:  # empty ring: nothing older is visible, skip concatenating `window` dead keys
-            k_all, v_all, pos_all = k, v, positions
-        else:  # cat copies, so the writes below cannot change what we return
-            k_all = torch.cat((ring_k, k), dim=2)  # (B, n_kv, ring + T, d)
-            v_all = torch.cat((ring_v, v), dim=2)
-            pos_all = torch.cat((ring_pos, positions), dim=1)  # (B, ring + T)
-        t, w = k.shape[2], self.ring_len
-        n = min(t, w)  # only the last `window` new keys can be seen by later queries
-        first = (start + t - n) % w  # ring slot of token number (start + t - n)
-        head = min(n, w - first)  # slots before the ring wraps around
-        src = slice(t - n, t - n + head)
-        ring_k[:, :, first : first + head] = k[:, :, src]
-        ring_v[:, :, first : first + head] = v[:, :, src]
-        ring_pos[:, first : first + head] = positions[:, src]
-        if head < n:  # the wrapped remainder goes to the front of the ring
-            ring_k[:, :, : n - head] = k[:, :, t - n + head :]
-            ring_v[:, :, : n - head] = v[:, :, t - n + head :]
-            ring_pos[:, : n - head] = positions[:, t - n + head :]
-        return k_all, v_all, pos_all
+        return ring_update(self.k_local[i], self.v_local[i], self.pos_local[i], start, k, v, positions)
+
+
+def ring_update(
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_pos: torch.Tensor,
+    start: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write T new keys (token numbers start..start+T-1) into a sliding layer's ring of (B, n_kv, w, d)
+    slots, token n at slot n % w; return the ring as it was before this call concatenated with the new
+    keys (every key a new query may need), as (k_all, v_all, key_positions)."""
+    if start == 0:  # empty ring: nothing older is visible, skip concatenating `window` dead keys
+        k_all, v_all, pos_all = k, v, positions
+    else:  # cat copies, so the writes below cannot change what we return
+        k_all = torch.cat((ring_k, k), dim=2)  # (B, n_kv, ring + T, d)
+        v_all = torch.cat((ring_v, v), dim=2)
+        pos_all = torch.cat((ring_pos, positions), dim=1)  # (B, ring + T)
+    t, w = k.shape[2], ring_k.shape[2]
+    n = min(t, w)  # only the last `window` new keys can be seen by later queries
+    first = (start + t - n) % w  # ring slot of token number (start + t - n)
+    head = min(n, w - first)  # slots before the ring wraps around
+    src = slice(t - n, t - n + head)
+    ring_k[:, :, first : first + head] = k[:, :, src]
+    ring_v[:, :, first : first + head] = v[:, :, src]
+    ring_pos[:, first : first + head] = positions[:, src]
+    if head < n:  # the wrapped remainder goes to the front of the ring
+        ring_k[:, :, : n - head] = k[:, :, t - n + head :]
+        ring_v[:, :, : n - head] = v[:, :, t - n + head :]
+        ring_pos[:, : n - head] = positions[:, t - n + head :]
+    return k_all, v_all, pos_all
 
 
 class StaticKVCache(KVCache):

@@ -1,0 +1,258 @@
+"""Continuous batching (gemmakit.infer.slots, gemmakit.infer.batching).
+
+References: an uncached forward of each row's whole sequence for the slot cache's logits (itself
+bit-identical to HF eager, test_model_parity); `Engine.generate` on one prompt alone (whose greedy
+tokens equal HF `generate`, test_infer) for the batcher's tokens. The configs have sliding windows of
+5 and 7 tokens, shorter than every sequence here, so the rings wrap.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+from conftest import generation_models
+
+from gemmakit.infer.batching import Batcher, Busy, Failed, Finished, Request, Token
+from gemmakit.infer.engine import Engine, GenerationError
+from gemmakit.infer.kv_cache import CacheError
+from gemmakit.infer.slots import SlotCache
+
+CASES = ["gemma1-mqa", "gemma2", "gemma3", "gemma3-mqa"]
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[2, *torch.randint(3, 300, (n - 1,), generator=g).tolist()] for n in lengths]
+
+
+def _run(batcher: Batcher, requests: list[dict], timeout: float = 60) -> list[tuple[list[Token], object]]:
+    """Submit every request at once; per request (its Token events, its final event)."""
+    results: list[list] = [[[], None] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def sink(i: int):
+        def on_event(e) -> None:
+            if isinstance(e, Token):
+                results[i][0].append(e)
+            else:
+                results[i][1] = e
+                done.release()
+
+        return on_event
+
+    for i, kw in enumerate(requests):
+        batcher.submit(Request(on_event=sink(i), **kw))
+    for _ in requests:
+        assert done.acquire(timeout=timeout), "a request never finished"
+    return [tuple(r) for r in results]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_slot_cache_rows_joining_and_leaving_give_the_uncached_logits(case: str) -> None:
+    model = generation_models(case)[1]
+    seqs = _prompts(3, [20, 14, 13])
+    cache = SlotCache(model.config, 3, 32)
+    got: list[list[torch.Tensor]] = [[], [], []]
+
+    def feed(row: int, ids: list[int]) -> None:  # a prefill chunk of one row
+        start = cache.lengths[row]
+        cache.bind(row, row + 1)
+        pos = torch.arange(start, start + len(ids))[None]
+        with torch.inference_mode():
+            got[row].append(model(torch.tensor([ids]), pos, cache=cache)[0])
+
+    def step(rows: int, at: list[int]) -> None:  # one token for rows [0, rows), each at its own length
+        cache.bind(0, rows)
+        tokens = torch.tensor([[seqs[r][at[r]]] for r in range(rows)])
+        pos = torch.tensor([[cache.lengths[r]] for r in range(rows)])
+        with torch.inference_mode():
+            out = model(tokens, pos, cache=cache)
+        for r in range(rows):
+            got[r].append(out[r])
+            at[r] += 1
+
+    # row 0 prefills in two chunks, row 1 joins, both decode, row 2 joins, all three decode
+    feed(0, seqs[0][:4])
+    feed(0, seqs[0][4:8])
+    feed(1, seqs[1][:3])
+    at = [8, 3, 0]
+    for _ in range(3):
+        step(2, at)
+    feed(2, seqs[2][:7])
+    at[2] = 7
+    step(3, at)
+    # the scheduler moves rows around: swap rows 0 and 2 (keys, positions and lengths go along)
+    cache.swap(0, 2)
+    for lst in (seqs, got, at):
+        lst[0], lst[2] = lst[2], lst[0]
+    for _ in range(5):
+        step(3, at)
+    for r in range(3):
+        cached = torch.cat(got[r])
+        with torch.inference_mode():
+            full = model(torch.tensor([seqs[r][: at[r]]]))[0]
+        # float32 summation order differs (keys in another order and count): ~1e-6 of logits ~1-10
+        torch.testing.assert_close(cached, full, rtol=0, atol=2e-5 * float(full.abs().max()))
+        assert torch.equal(cached.argmax(-1), full.argmax(-1))
+
+
+def test_slot_cache_truncate_swap_and_limits() -> None:
+    model = generation_models("gemma2")[1]  # sliding window 5
+    cache = SlotCache(model.config, 2, 16)
+    cache.bind(0, 1)
+    with torch.inference_mode():
+        model(torch.tensor([[2, 5, 6, 7, 8, 9, 10, 11]]), torch.arange(8)[None], cache=cache)
+    assert cache.lengths == [8, 0] and cache.ring_len == 5
+    # the ring wrapped (8 > 5): cutting 1 token keeps every key the next query needs, cutting 2 does not
+    assert cache.keepable(0, 7) and not cache.keepable(0, 6) and cache.keepable(0, 0)
+    with pytest.raises(CacheError, match="cannot keep 6"):
+        cache.truncate(0, 6)
+    cache.swap(0, 1)
+    assert cache.lengths == [0, 8] and (cache.pos_global[1, :8] == torch.arange(8)).all()
+    cache.truncate(1, 0)
+    assert cache.lengths == [0, 0] and (cache.pos_global == -1).all() and (cache.pos_local == -1).all()
+    cache.bind(0, 2)
+    with pytest.raises(CacheError, match=r"\(1, T\)"):  # a multi-token chunk is one row's
+        model(torch.zeros(2, 3, dtype=torch.long), torch.arange(3).expand(2, 3), cache=cache)
+    with pytest.raises(CacheError, match="outside"):
+        cache.bind(1, 3)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_batcher_greedy_tokens_equal_engine_alone(case: str) -> None:
+    model = generation_models(case)[1]
+    prompts = _prompts(5, [6, 11, 3, 9, 14])
+    engine = Engine(model)
+    want = [engine.generate([p], 12)[0] for p in prompts]
+    # 2 rows for 5 requests, prefill in chunks of 4: requests queue, join mid-way and leave
+    batcher = Batcher(model, n_slots=2, max_len=40, prefill_chunk=4)
+    try:
+        results = _run(batcher, [dict(prompt=p, max_new_tokens=12) for p in prompts])
+    finally:
+        batcher.close()
+    for (tokens, end), w, p in zip(results, want, prompts, strict=True):
+        assert [t.id for t in tokens] == w
+        assert end == Finished("length", len(p), 12, end.cached_tokens)
+
+
+def test_stop_tokens_seeded_sampling_and_logprobs() -> None:
+    model = generation_models("gemma3")[1]
+    [p] = _prompts(7, [8])
+    engine = Engine(model)
+    greedy = engine.generate([p], 10)[0]
+    stop = greedy[4]
+    sampled = engine.generate([p], 10, temperature=1.0, seed=11)[0]
+    batcher = Batcher(model, n_slots=3, max_len=40)
+    try:
+        (s_tokens, s_end), (g_tokens, g_end), (lp_tokens, _) = _run(batcher, [
+            dict(prompt=p, max_new_tokens=10, temperature=1.0, seed=11),
+            dict(prompt=p, max_new_tokens=10, stop_tokens=frozenset([stop])),
+            dict(prompt=p, max_new_tokens=3, logprobs=2),
+        ])  # fmt: skip
+    finally:
+        batcher.close()
+    assert [t.id for t in s_tokens] == sampled and s_end.reason == "length"
+    # the stop token ends the request and is neither emitted nor counted
+    assert [t.id for t in g_tokens] == greedy[: greedy.index(stop)]
+    assert g_end.reason == "stop" and g_end.completion_tokens == greedy.index(stop)
+    with torch.inference_mode():
+        logits = model(torch.tensor([p + greedy[:2]]))[0, len(p) - 1 :]
+    logp = torch.log_softmax(logits, -1)
+    for i, t in enumerate(lp_tokens):
+        assert t.id == greedy[i] and t.logprob == pytest.approx(float(logp[i, t.id]), abs=1e-5)
+        assert [a for a, _ in t.top] == logp[i].topk(2).indices.tolist() and t.top[0][0] == t.id
+
+
+def test_next_turn_reuses_the_finished_row() -> None:
+    model = generation_models("gemma3")[1]  # window 5: rows of <= max_len 64 tokens keep all keys
+    [p] = _prompts(9, [10])
+    batcher = Batcher(model, n_slots=2, max_len=64)
+    try:
+        [(first, end1)] = _run(batcher, [dict(prompt=p, max_new_tokens=6)])
+        reply = [t.id for t in first]
+        turn2 = p + reply + [7, 8, 9]
+        [(second, end2)] = _run(batcher, [dict(prompt=turn2, max_new_tokens=6)])
+    finally:
+        batcher.close()
+    # the row holds the prompt and the 5 fed reply tokens (the last sampled one was never fed)
+    assert end1.cached_tokens == 0 and end2.cached_tokens == len(p) + len(reply) - 1
+    assert [t.id for t in second] == Engine(model).generate([turn2], 6)[0]
+
+
+def test_cancel_frees_the_row_and_a_full_queue_is_busy() -> None:
+    model = generation_models("gemma1-mqa")[1]
+    [p] = _prompts(1, [5])
+    batcher = Batcher(model, n_slots=1, max_len=200, queue_limit=1)
+    events: queue.Queue = queue.Queue()
+    try:
+        long = batcher.submit(Request(p, 190, events.put))
+        assert isinstance(events.get(timeout=30), Token)  # running
+        batcher.submit(Request(p, 5, lambda e: None))  # queued: the only row is taken
+        with pytest.raises(Busy, match="queue is full"):
+            batcher.submit(Request(p, 5, lambda e: None))
+        long.cancel()
+        while not isinstance(e := events.get(timeout=30), Finished):
+            pass
+        assert e.reason == "cancelled" and e.completion_tokens < 190
+        with pytest.raises(GenerationError, match="exceeds the context size 200"):
+            batcher.submit(Request(p, 196, lambda e: None))
+        with pytest.raises(GenerationError, match="temperature"):
+            batcher.submit(Request(p, 5, lambda e: None, temperature=-1.0))
+    finally:
+        batcher.close()
+    assert batcher.running == 0 and batcher.waiting == 0 and not batcher.alive
+    with pytest.raises(Busy, match="shutting down"):
+        batcher.submit(Request(p, 5, lambda e: None))
+
+
+class _Faulty(torch.nn.Module):
+    """The model, raising on its `fail_at`-th forward (counting from 1)."""
+
+    def __init__(self, model: torch.nn.Module, fail_at: int) -> None:
+        super().__init__()
+        self.inner, self.config, self.fail_at, self.calls = model, model.config, fail_at, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected fault")
+        return self.inner(*args, **kwargs)
+
+
+def test_a_failed_forward_fails_its_requests_and_the_next_one_runs() -> None:
+    inner = generation_models("gemma2")[1]
+    model = _Faulty(inner, fail_at=4)  # prefill, 2 decode steps, then the fault
+    [p] = _prompts(2, [6])
+    batcher = Batcher(model, n_slots=2, max_len=40)
+    try:
+        [(tokens, end)] = _run(batcher, [dict(prompt=p, max_new_tokens=10)])
+        assert len(tokens) == 3 and isinstance(end, Failed) and "injected fault" in end.message
+        assert not batcher.healthy and batcher.counters["failures"] == 1
+        [(tokens, end)] = _run(batcher, [dict(prompt=p, max_new_tokens=10)])
+        assert [t.id for t in tokens] == Engine(inner).generate([p], 10)[0] and end.reason == "length"
+        assert batcher.healthy and batcher.running == 0
+    finally:
+        batcher.close()
+
+
+def test_deadline_ends_a_request_with_length() -> None:
+    model = generation_models("gemma1-mqa")[1]
+    [p] = _prompts(4, [5])
+    batcher = Batcher(model, n_slots=1, max_len=250)
+    try:
+        # past its deadline while queued: ends before it runs; mid-run: ends at the next token boundary
+        [(tokens, end)] = _run(batcher, [dict(prompt=p, max_new_tokens=240, deadline=time.monotonic())])
+        assert end == Finished("length", 5, 0, 0) and tokens == []
+        events: queue.Queue = queue.Queue()
+        r = batcher.submit(Request(p, 240, events.put))
+        assert isinstance(events.get(timeout=30), Token)
+        r.deadline = time.monotonic()
+        while not isinstance(e := events.get(timeout=30), Finished):
+            pass
+        assert e.reason == "length" and e.completion_tokens < 240
+    finally:
+        batcher.close()

@@ -1,0 +1,131 @@
+"""The server under faults, disconnects, overload and shutdown (reliability cases S4, S5, S6, S10, S11).
+
+Every case runs against a real uvicorn process; faults are injected by tests/serve_faulty.py, which
+serves the nano model with chosen forward passes raising.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import launch, serve
+
+from gemmakit.chat import stop_tokens
+from gemmakit.cli import NANO_DIR
+from gemmakit.tokenizer import Tokenizer
+
+HERE = Path(__file__).resolve().parent
+CHAT = {"messages": [{"role": "user", "content": "Tell me a long story."}]}
+NO_STOP = {str(t): -100 for t in stop_tokens(Tokenizer.load(NANO_DIR))}  # logit_bias: reply to max_tokens
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def _sse(response: httpx.Response) -> list[str]:
+    return [line for line in response.iter_lines() if line]
+
+
+def test_a_fault_mid_stream_sends_one_error_then_done_and_the_server_recovers(tmp_path) -> None:
+    # forward 1 is the first request's prefill; 5 fails after 4 tokens; 7 fails the second request
+    argv = [sys.executable, str(HERE / "serve_faulty.py"), "{port}", "5", "7"]
+    with launch(argv, log_dir=tmp_path) as served:
+        body = {**CHAT, "max_tokens": 50, "temperature": 0, "stream": True}
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            events = _sse(r)
+        assert events[-1] == "data: [DONE]"
+        payloads = [json.loads(e[6:]) for e in events[:-1]]
+        errors = [p for p in payloads if "error" in p]
+        assert len(errors) == 1 and payloads[-1] is errors[0]
+        assert errors[0]["error"]["message"] == "Internal server error"  # no fault details for clients
+        assert sum(bool(p["choices"][0]["delta"].get("content")) for p in payloads[:-1]) == 4
+        assert httpx.get(served.url + "/health").status_code == 503  # the last forward failed
+        r = httpx.post(served.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+        assert "injected" not in r.text and "Traceback" not in r.text
+        r = httpx.post(served.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert httpx.get(served.url + "/health").status_code == 200
+        assert _metric(served.url, "gemmakit_engine_failures_total") == 2
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """nano with 2 rows and a queue of 2."""
+    with serve("--parallel", "2", "--queue", "2", "--ctx-size", "512",
+               log_dir=tmp_path_factory.mktemp("serve")) as s:  # fmt: skip
+        yield s
+
+
+def _idle_within(url: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _metric(url, "gemmakit_requests_running") == 0 and _metric(url, "gemmakit_requests_waiting") == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_clients_that_disconnect_free_their_rows(small) -> None:
+    url = small.url
+    body = {**CHAT, "max_tokens": 450, "temperature": 1.0, "stream": True}  # would run for many seconds
+    for _ in range(4):  # 2 running, 2 queued
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            next(r.iter_lines())  # the first chunk, then close
+    assert _idle_within(url, 2.0)
+    generated = _metric(url, "gemmakit_generated_tokens_total")
+    time.sleep(0.5)
+    assert _metric(url, "gemmakit_generated_tokens_total") == generated  # nothing generates for nobody
+    # a non-streaming client that gives up
+    body = {**CHAT, "max_tokens": 450, "logit_bias": NO_STOP}  # 450 tokens take seconds
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=0.3)
+    assert _idle_within(url, 2.0)
+    assert "Traceback" not in small.output()
+
+
+def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(small) -> None:
+    body = {**CHAT, "max_tokens": 60, "temperature": 1.0}
+
+    def post(_):
+        return httpx.post(small.url + "/v1/chat/completions", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:  # 2 rows + 2 queued << 12
+        answers = list(pool.map(post, range(12)))
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 429} and codes.count(429) >= 4 and codes.count(200) >= 2, codes
+    for a in answers:
+        if a.status_code == 429:
+            assert a.headers["retry-after"] == "1" and a.json()["error"]["type"] == "overloaded_error"
+        else:
+            assert a.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert _idle_within(small.url, 2.0)
+
+
+def test_sigterm_lets_running_requests_finish_then_exits(tmp_path) -> None:
+    with serve("--ctx-size", "512", "--drain", "30", log_dir=tmp_path) as served:
+        body = {**CHAT, "max_tokens": 120, "stream": True, "logit_bias": NO_STOP}
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            served.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in rest[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # completed, not cut
+        assert sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks) >= 100
+        assert served.proc.wait(timeout=40) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal when done
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(served.url + "/health", timeout=2)

@@ -36,12 +36,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if args.model is not None and not Path(args.model).exists():
         raise ServeError(f"--model: {args.model}: no such file or directory")
+    if args.guard:  # read now so a bad file fails in one line before anything loads
+        from gemmakit.safety.guard import load_guard_config
+
+        load_guard_config(args.guard)
+    if args.watermark:
+        from gemmakit.safety.watermark import load_keys
+
+        load_keys(args.watermark)
     key = args.api_key or os.environ.get("GEMMAKIT_API_KEY") or None
     config = ServeConfig(model_id=args.model_id or (Path(args.model).name if args.model else "nano"),
                          parallel=args.parallel, ctx_size=args.ctx_size, queue_limit=args.queue,
                          prefill_chunk=args.prefill_chunk or 256, api_key=key, host=args.host,
                          allowed_hosts=tuple(args.allowed_host or ()), request_timeout_s=args.timeout,
-                         max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
+                         max_body_bytes=int(args.max_body_mb * 2**20), guard=args.guard,
+                         watermark=args.watermark)  # fmt: skip
     logging.getLogger("gemmakit").setLevel(logging.INFO)
     if key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key: anyone who reaches the port can use the model "
@@ -86,4 +95,9 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
                    help="on SIGTERM, seconds to let running requests finish (default 30)")  # fmt: skip
     p.add_argument("--max-body-mb", type=ca.float_range(0.0, lo_open=True), default=2.0,
                    help="largest request body in MiB (default 2)")  # fmt: skip
+    p.add_argument("--guard", metavar="FILE", help="safety checks on prompts and streamed replies (a guard TOML "
+                   "file, e.g. recipes/guard.toml); blocked answers end with finish_reason content_filter")  # fmt: skip
+    p.add_argument(
+        "--watermark", metavar="KEYS.toml", help="SynthID Text watermark on every generated answer"
+    )
     p.set_defaults(func=cmd_serve, load=load)

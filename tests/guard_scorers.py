@@ -20,3 +20,9 @@ def word_bad(items, policies):
         text = it.response if it.response is not None else it.prompt
         out.append({p.name: 0.99 if "BAD" in text else 0.01 for p in policies})
     return out
+
+
+def word_paris(items, policies):
+    """P(violation) 0.99 when a model's RESPONSE mentions Paris (prompts always pass): an output check."""
+    return [{p.name: 0.99 if it.response is not None and "Paris" in it.response else 0.01 for p in policies}
+            for it in items]  # fmt: skip

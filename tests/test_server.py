@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import math
 import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -243,11 +244,14 @@ def test_guardrails_content_type_body_size_host_and_routes(nano) -> None:
 
 def test_api_key_is_required_everywhere_but_health(tmp_path) -> None:
     with serve("--api-key", "s3cret", "--ctx-size", "256", log_dir=tmp_path) as served:
-        for path in ("/v1/models", "/metrics", "/ready"):
+        for path in ("/v1/models", "/metrics"):
             for headers in ({}, {"authorization": "Bearer wrong"}):
                 r = httpx.get(served.url + path, headers=headers)
                 assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-        assert httpx.get(served.url + "/health").status_code == 200
+        for path in ("/health", "/ready", "/", "/static/chat.js"):  # probes and the page itself
+            assert httpx.get(served.url + path).status_code == 200, path
+        r = httpx.post(served.url + "/v1/completions", json={"prompt": "a"}, headers={"x-api-key": "s3cret"})
+        assert r.status_code == 200
         r = _client(served, api_key="s3cret").chat.completions.create(
             model="nano", messages=MESSAGES, max_tokens=3
         )
@@ -286,3 +290,121 @@ def test_serve_flags_and_paths_fail_in_one_line(tmp_path) -> None:
                               text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert all(w in proc.stderr for w in words), proc.stderr
+
+
+def _corpus() -> list[tuple[str, bytes]]:
+    """>= 200 malformed requests (reliability S1, S2): bad JSON, wrong types, out-of-range sampling
+    parameters, bad messages and prompts, unknown fields; (path, body)."""
+    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    raw = [b"", b"{", b"{}}", b"nul", b"[]", b"42", b"null", b'"s"', b"true", b"\xff", b"{\"a\": 1,}", b"{'a': 1}",
+           b"[" * 10000 + b"]" * 10000, b'{"a":' * 10000 + b"1" + b"}" * 10000, b'{"messages": Infinity}',
+           b'{"max_tokens": -Infinity}', b'{"x": 1, "x": 2}']  # fmt: skip
+    out = [(path, body) for path in ("/v1/chat/completions", "/v1/completions") for body in raw]
+    bad_values = {
+        "temperature": [-1, -1e-9, "1", [1], {"a": 1}, True, 1e9],
+        "top_p": [0, -0.1, 1 + 1e-9, "0.5", [0.5]],
+        "top_k": [-2, 1.5, "3", 2**40],
+        "max_tokens": [0, -1, 2**31, 1.5, "10", True],
+        "n": [0, 9, 1.5, "2"],
+        "stop": [["a"] * 17, 5, [""], [1], {"a": 1}],
+        "seed": [2**63, -(2**63) - 1, 1.5, "7"],
+        "logit_bias": [{"-1": 1}, {"999999999999": 1}, {"5": 101}, {"5": "x"}, [1], "x"],
+        "stream": ["yes", 1],
+        "logprobs": ["yes", 2],
+        "top_logprobs": [3, -1, 21],
+        "messages": [
+            None,
+            "string",
+            [123],
+            [{}],
+            [{"role": 123}],
+            [{"role": "system", "content": 123}],
+            [{"role": "user", "content": "a"}, {}],
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ],
+            [{"content": "hello"}],
+            [{"role": "tool", "content": "x"}],
+            [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+            [{"role": "user", "content": "a", "extra": 1}],
+            [],
+        ],
+        "chat_template": ["{{ ''.__class__.__mro__ }}"],  # a request-supplied template (S13): refused
+        "tools": [[{"type": "function", "function": {"name": "f"}}]],
+        "tool_choice": ["auto"],
+        "response_format": [{"type": "json_schema"}, {"type": "json_object"}, "json"],
+        "presence_penalty": [0.5, 3, "0"],
+        "frequency_penalty": [-0.5],
+        "model": [5, "gpt-4"],
+        "stream_options": [{"include_usage": True}],
+        "user": [5],
+        "max_completion_tokens": [0, "5"],
+        "unknown_field": [1],
+    }
+    for field, values in bad_values.items():
+        for v in values:
+            body = {**ok, field: v}
+            if field == "top_logprobs" and v == 3:
+                body["logprobs"] = False  # top_logprobs without logprobs
+            out.append(("/v1/chat/completions", json.dumps(body).encode()))
+    completion = {"prompt": "a", "max_tokens": 2}
+    for v in [None, 5, [], [[]], [-1], [10**9], [1.5], [[1], "a", 3], {"a": 1}, ["a"] * 65, [True]]:
+        out.append(("/v1/completions", json.dumps({**completion, "prompt": v}).encode()))
+    for field, v in [("echo", "yes"), ("logprobs", 21), ("logprobs", True), ("stream", 1)]:
+        out.append(("/v1/completions", json.dumps({**completion, field: v}).encode()))
+    out.append(("/v1/completions", json.dumps({**completion, "echo": True, "stream": True}).encode()))
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        for n in range(40):  # truncations of a valid body
+            body = json.dumps(
+                {**ok, "prompt": "a"} if path.endswith("/completions") and "chat" not in path else ok
+            )
+            out.append((path, body[: max(1, len(body) * n // 40)].encode()))
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_corpus_of_malformed_requests_gets_4xx_only(nano) -> None:
+    served, _, _ = nano
+    corpus = _corpus()
+    assert len(corpus) >= 200
+    before = _rss_kb(served.proc.pid)
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        for i, (path, body) in enumerate(corpus):
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, (i, path, body[:200], r.status_code, r.text[:300])
+            error = r.json()["error"]
+            assert error["message"] and "Traceback" not in r.text, (i, r.text[:300])
+            assert not re.search(r"(?<!\w)/[\w.-]+/", error["message"]), error["message"]  # no paths (S14)
+            if i % 50 == 49:  # a valid request after each batch, and the probe
+                assert (
+                    client.post(
+                        "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}
+                    ).status_code
+                    == 200
+                )
+                assert client.get("/health").status_code == 200
+    assert _rss_kb(served.proc.pid) - before < 50 * 1024  # < 50 MB of growth over the corpus
+
+
+def test_with_an_api_key_every_route_needs_it_but_the_exempt_ones(tmp_path) -> None:
+    from gemmakit.server import ServeConfig, create_app
+    from gemmakit.server.app import _Guardrails
+
+    app = create_app(lambda: (None, None), ServeConfig())
+    routes = [(r.path, sorted(r.methods)[0]) for r in app.app.routes if hasattr(r, "methods")]
+    assert len(routes) >= 8
+    with serve("--api-key", "k", "--ctx-size", "256", log_dir=tmp_path) as served:
+        for path, method in routes:  # enumerated from the app: a new route cannot be missed (S8)
+            r = httpx.request(method, served.url + path, json={})
+            if path in _Guardrails.EXEMPT:
+                assert r.status_code != 401, path
+            else:
+                assert r.status_code == 401, (path, r.status_code)

@@ -8,7 +8,7 @@ lm-eval's local-completions asks) are scored by one forward pass outside the bat
 
 Outside the routes, one ASGI layer checks every request before a route sees it: the Host header
 (DNS rebinding: a loopback-bound server answers only to loopback names), the API key
-(`hmac.compare_digest`; /health and the chat page are exempt), and the body size (413 from
+(`hmac.compare_digest`; the probes /health and /ready and the chat page are exempt), and the body size (413 from
 Content-Length, or as soon as a chunked body passes the limit; never buffered whole first).
 
 Key trade-off: one process, one model, one worker thread: the GIL is released inside torch's
@@ -28,12 +28,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HttpRequest
@@ -41,7 +42,15 @@ from starlette.requests import Request as HttpRequest
 from gemmakit.chat import stop_tokens
 from gemmakit.infer.batching import Batcher, Busy, Failed, Finished, Request, Token
 from gemmakit.infer.engine import GenerationError
-from gemmakit.server.protocol import ApiError, Job, TextStream, parse_chat, parse_completion, parse_json
+from gemmakit.server.protocol import (
+    ApiError,
+    Job,
+    TextStream,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    render_messages,
+)
 
 logger = logging.getLogger("gemmakit.server")
 
@@ -63,12 +72,15 @@ class ServeConfig:
     max_body_bytes: int = 2 * 1024 * 1024  # 2 MB, TGI's default
     request_timeout_s: float = 600.0  # wall time per request; past it the reply ends with "length"
     retry_after_s: int = 1  # the Retry-After header of a 429 / 503
+    guard: str | None = None  # a guard TOML file (safety.guard): input and streamed-output checks
+    watermark: str | None = None  # a SynthID keys TOML file: every generated answer is watermarked
 
 
 class _Guardrails:
     """ASGI middleware: Host allowlist, API key and body limit, before any route runs."""
 
-    EXEMPT = ("/health",)  # liveness probes carry no key
+    # Probes and the page carry no key (the page's own requests do). /ready costs one token.
+    EXEMPT = ("/health", "/ready", "/", "/static/chat.js")
 
     def __init__(self, app: Any, config: ServeConfig) -> None:
         self.app, self.config = app, config
@@ -151,7 +163,7 @@ class Server:
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], config: ServeConfig) -> None:
         self.config, self._load = config, load
-        self.model = self.tokenizer = self.batcher = None
+        self.model = self.tokenizer = self.batcher = self.guard = self.watermark = None
         self.load_error: str | None = None
         self.started = time.time()
         self.stops: frozenset[int] = frozenset()
@@ -166,6 +178,14 @@ class Server:
             cfg = self.model.config
             self.context = self.config.ctx_size or min(cfg.max_seq_len, 8192)
             self.stops = frozenset(stop_tokens(self.tokenizer))
+            if self.config.watermark:
+                from gemmakit.safety.watermark import load_keys
+
+                self.watermark = load_keys(self.config.watermark)
+            if self.config.guard:  # its classifier loads before the server reports ready: fail-closed
+                from gemmakit.safety.guard import load_guard
+
+                self.guard = load_guard(self.config.guard)
             self.batcher = Batcher(self.model, self.config.parallel, self.context, self.config.queue_limit,
                                    self.config.prefill_chunk)  # fmt: skip
         except Exception as e:  # shown by /health; the process stays up so the probe can report it
@@ -193,7 +213,7 @@ class Server:
             prompt, job.max_tokens, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
             temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=seed,
             stop_tokens=self.stops, logprobs=job.logprobs, logit_bias=job.logit_bias,
-            deadline=time.monotonic() + self.config.request_timeout_s,
+            deadline=time.monotonic() + self.config.request_timeout_s, processor=self._processor(),
         )  # fmt: skip
         self.submit(request)
         try:
@@ -204,6 +224,13 @@ class Server:
                     return
         finally:
             request.cancel()  # a no-op once finished; frees the row at once if the client left
+
+    def _processor(self) -> Any:
+        if self.watermark is None:
+            return None
+        from gemmakit.safety.watermark import watermark_processor
+
+        return watermark_processor(self.watermark)  # stateful: a fresh one per request
 
     def submit(self, request: Request) -> None:
         try:
@@ -252,6 +279,23 @@ class _Choice:
         self.finish_reason: str | None = None
         self.prompt_tokens, self.completion_tokens, self.cached = len(prompt), 0, 0
         self.failed: str | None = None
+        guard = server.guard
+        self.monitor = guard.monitor(job.user_text) if guard is not None and guard.config.output else None
+        self.guard_info: dict | None = None  # set when the guard stopped this choice
+
+    async def take(self, event: Token | Finished | Failed) -> str:
+        """`feed`, then the guard's output monitor: only text it has checked is returned; a blocked
+        answer ends with finish_reason "content_filter" (the caller stops generating)."""
+        piece = self.feed(event)
+        m = self.monitor
+        if m is None or self.failed:
+            return piece
+        out = await run_in_threadpool(m.push, piece) if piece else ""
+        if not m.stopped and (self.finish_reason is not None or not isinstance(event, Token)):
+            out += await run_in_threadpool(m.finish)
+        if m.stopped:
+            self.finish_reason, self.guard_info = "content_filter", guard_info("output", m.verdict)
+        return out
 
     def feed(self, event: Token | Finished | Failed) -> str:
         """Apply one event; the text that may be shown now."""
@@ -355,6 +399,17 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServeConfig | None =
                 return JSONResponse({"status": "unhealthy"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    page_headers = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'",
+                    "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}  # fmt: skip
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return Response(_static("index.html"), media_type="text/html; charset=utf-8", headers=page_headers)
+
+    @app.get("/static/chat.js", include_in_schema=False)
+    async def script() -> Response:
+        return Response(_static("chat.js"), media_type="text/javascript; charset=utf-8", headers=page_headers)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": int(server.started),
@@ -404,6 +459,9 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServeConfig | None =
 async def _respond(server: Server, http: HttpRequest, job: Job, kind: str) -> Any:
     rid = f"{kind}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    blocked = await _check_input(server, job)
+    if blocked is not None:
+        return await _refuse(server, job, rid, created, blocked)
     pairs = [(p, i) for p in job.prompts for i in range(job.n)]  # choice index = prompt * n + i
     if job.stream:
         # Submit before the response starts so a full queue is a 429, not an error inside a 200 stream.
@@ -420,8 +478,14 @@ async def _respond(server: Server, http: HttpRequest, job: Job, kind: str) -> An
         if job.max_tokens == 0:  # echo-only scoring
             choices[k].finish_reason = "length"
             return
-        async for event in server.events(job, prompt, i):
-            texts[k] += choices[k].feed(event)
+        events = server.events(job, prompt, i)
+        try:
+            async for event in events:
+                texts[k] += await choices[k].take(event)
+                if choices[k].finish_reason is not None and isinstance(event, Token):
+                    break  # a stop string or the guard ended it: stop generating now
+        finally:
+            await events.aclose()
 
     tasks = [asyncio.ensure_future(run(k, p, i)) for k, (p, i) in enumerate(pairs)]
     try:
@@ -440,8 +504,12 @@ async def _respond(server: Server, http: HttpRequest, job: Job, kind: str) -> An
         raise RuntimeError(f"{rid}: generation failed: {next(c.failed for c in choices if c.failed)}")
     usage = _usage(choices, job)
     if job.chat:
+        for k, c in enumerate(choices):
+            if c.finish_reason == "content_filter":
+                texts[k] += _refusal_text(server, texts[k])
         out = [{"index": k, "message": {"role": "assistant", "content": texts[k]},
-                "logprobs": c.chat_logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                "logprobs": c.chat_logprobs(c.logprobs), "finish_reason": c.finish_reason,
+                **({"guard": c.guard_info} if c.guard_info else {})}
                for k, c in enumerate(choices)]  # fmt: skip
         return {"id": rid, "object": "chat.completion", "created": created, "model": job.model, "choices": out,
                 "usage": usage}  # fmt: skip
@@ -452,9 +520,17 @@ async def _respond(server: Server, http: HttpRequest, job: Job, kind: str) -> An
             logprobs = await _completion_logprobs(server, job, c, prompt)
         if job.echo:
             text = server.tokenizer.decode(prompt) + text
-        out.append({"index": k, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+        if c.finish_reason == "content_filter":
+            text += _refusal_text(server, texts[k])
+        out.append({"index": k, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                    **({"guard": c.guard_info} if c.guard_info else {})})  # fmt: skip
     return {"id": rid, "object": "text_completion", "created": created, "model": job.model, "choices": out,
             "usage": usage}  # fmt: skip
+
+
+def _static(name: str) -> bytes:
+    """A file of the chat page, shipped in the package (gemmakit/server/static)."""
+    return (Path(__file__).parent / "static" / name).read_bytes()
 
 
 def _usage(choices: list[_Choice], job: Job) -> dict:
@@ -491,27 +567,12 @@ async def _sse(server: Server, job: Job, pairs: list, streams: list, firsts: lis
     optional usage chunk, then [DONE], also after an error."""
     import json
 
-    obj = "chat.completion.chunk" if job.chat else "text_completion"
     choices = [_Choice(server, job, p, k) for k, (p, _) in enumerate(pairs)]
-    usage_field = {} if job.include_usage else {"usage": None}
 
     def chunk(
         k: int, text: str | None, finish: str | None, logprobs: Any = None, role: bool = False
     ) -> bytes:
-        if job.chat:
-            delta: dict = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-            c = {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        else:
-            c = {"index": k, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-        body = {
-            "id": rid,
-            "object": obj,
-            "created": created,
-            "model": job.model,
-            "choices": [c],
-            **usage_field,
-        }
-        return b"data: " + json.dumps(body).encode() + b"\n\n"
+        return _chunk(job, rid, created, k, text, finish, logprobs, role, choices[k].guard_info)
 
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -533,7 +594,7 @@ async def _sse(server: Server, job: Job, pairs: list, streams: list, firsts: lis
             if c.finish_reason is not None and isinstance(event, Token):
                 continue  # stopped by a stop string: the rest is dropped (its request is cancelled)
             before = len(c.logprobs)
-            text = c.feed(event)
+            text = await c.take(event)
             if isinstance(event, Failed):
                 error = ApiError("Internal server error", None, 500, "internal_error").body()
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
@@ -546,14 +607,14 @@ async def _sse(server: Server, job: Job, pairs: list, streams: list, firsts: lis
                 yield chunk(k, text, None, lp)
             if c.finish_reason is not None:
                 if isinstance(event, Token):
-                    tasks[k].cancel()  # stop string: the pump's generator cancels the rest of this choice
+                    tasks[k].cancel()  # stop string or guard: the pump's generator cancels the rest
+                if c.finish_reason == "content_filter":
+                    yield chunk(k, _refusal_text(server, c.monitor.released), None)
                 yield chunk(k, None, c.finish_reason)
                 open_choices -= 1
         else:
             if job.include_usage:
-                body = {"id": rid, "object": obj, "created": created, "model": job.model, "choices": [],
-                        "usage": _usage(choices, job)}  # fmt: skip
-                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                yield _usage_chunk(job, rid, created, _usage(choices, job))
         yield b"data: [DONE]\n\n"
     finally:
         for t in tasks:
@@ -561,6 +622,95 @@ async def _sse(server: Server, job: Job, pairs: list, streams: list, firsts: lis
         await asyncio.gather(*tasks, return_exceptions=True)  # their generators' finally cancel requests
         for s in streams:
             await s.aclose()
+
+
+def _chunk(job: Job, rid: str, created: int, k: int, text: str | None, finish: str | None, logprobs: Any = None,
+           role: bool = False, guard: dict | None = None) -> bytes:  # fmt: skip
+    """One SSE event of choice k: the role (chat's first), a text piece, or the finish reason."""
+    import json
+
+    if job.chat:
+        delta: dict = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
+        c: dict = {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    else:
+        c = {"index": k, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+    if finish is not None and guard is not None:
+        c["guard"] = guard
+    body = {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion", "created": created,
+            "model": job.model, "choices": [c], **({} if job.include_usage else {"usage": None})}  # fmt: skip
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _usage_chunk(job: Job, rid: str, created: int, usage: dict) -> bytes:
+    import json
+
+    body = {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion", "created": created,
+            "model": job.model, "choices": [], "usage": usage}  # fmt: skip
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def guard_info(side: str, verdict: Any) -> dict:
+    """What a response says about a guard decision: side, action, flagged policies, scores, reason."""
+    return {"side": side, "action": verdict.action, "flagged": list(verdict.flagged),
+            "scores": {k: round(v, 4) for k, v in verdict.scores.items()},
+            "reason": "check_unavailable" if verdict.error else "policy"}  # fmt: skip
+
+
+def _refusal_text(server: Server, released: str) -> str:
+    return ("\n" if released else "") + server.guard.config.refusal
+
+
+async def _refuse(server: Server, job: Job, rid: str, created: int, info: dict) -> Any:
+    """The answer to a prompt the guard's input check blocked: the refusal as every choice, finish_reason
+    "content_filter", the guard's reasons; nothing is generated."""
+    n = len(job.prompts) * job.n
+    prompt_tokens = sum(len(p) for p in job.prompts)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens,
+             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+    refusal = server.guard.config.refusal
+    if job.stream:
+
+        async def events() -> AsyncIterator[bytes]:
+            for k in range(n):
+                if job.chat:
+                    yield _chunk(job, rid, created, k, None, None, role=True)
+                yield _chunk(job, rid, created, k, refusal, None)
+                yield _chunk(job, rid, created, k, None, "content_filter", guard=info)
+            if job.include_usage:
+                yield _usage_chunk(job, rid, created, usage)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    if job.chat:
+        choices = [{"index": k, "message": {"role": "assistant", "content": refusal}, "logprobs": None,
+                    "finish_reason": "content_filter", "guard": info} for k in range(n)]  # fmt: skip
+    else:
+        choices = [{"index": k, "text": refusal, "logprobs": None, "finish_reason": "content_filter", "guard": info}
+                   for k in range(n)]  # fmt: skip
+    return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": created,
+            "model": job.model, "choices": choices, "usage": usage}  # fmt: skip
+
+
+async def _check_input(server: Server, job: Job) -> dict | None:
+    """Run the guard's input check: the guard info if it blocks; a redaction rewrites the prompt."""
+    guard = server.guard
+    if guard is None or not guard.config.input:
+        return None
+    verdict = await run_in_threadpool(guard.check_input, job.user_text)
+    if verdict.blocked:
+        return guard_info("input", verdict)
+    if verdict.action == "redact" and verdict.text is not None:
+        if job.messages is not None:
+            last = max(i for i, m in enumerate(job.messages) if m["role"] == "user")
+            job.messages[last] = {**job.messages[last], "content": verdict.text}
+            job.prompts = [render_messages(server.tokenizer, job.messages)]
+        else:
+            first = next(i for i, t in enumerate(job.texts) if t is not None)
+            job.texts[first] = verdict.text
+            job.prompts[first] = server.tokenizer.encode(verdict.text, bos=True)
+    return None
 
 
 def _stream_logprobs(c: _Choice, entries: list) -> dict:

@@ -102,6 +102,15 @@ class Job:
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k
     logit_bias: dict[int, float] | None = None
     echo: bool = False
+    messages: list[dict] | None = None  # chat: the conversation as {role, content} text (for the guard)
+    texts: list[str | None] = field(default_factory=list)  # completions: each prompt's text (None: ids)
+
+    @property
+    def user_text(self) -> str:
+        """What the guard's input check judges: the last user message, or the (first) prompt text."""
+        if self.messages is not None:
+            return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+        return next((t for t in self.texts if t is not None), "")
 
 
 class _Fields:
@@ -166,13 +175,9 @@ def parse_chat(body: dict, tokenizer: Tokenizer, context: int, model_id: str) ->
         raise ApiError(
             'response_format: only {"type": "text"} is supported by this server', "response_format"
         )
-    try:
-        rendered = render(
-            tokenizer, [_message(m, i) for i, m in enumerate(messages)], add_generation_prompt=True
-        )
-    except ChatError as e:
-        raise ApiError(f"messages: {e}", "messages") from None
-    job = Job(chat=True, model=_model(f, model_id), prompts=[rendered.tokens], max_tokens=0)
+    texts = [_message(m, i) for i, m in enumerate(messages)]
+    job = Job(chat=True, model=_model(f, model_id), prompts=[render_messages(tokenizer, texts)], max_tokens=0,
+              messages=texts)  # fmt: skip
     max_tokens = f.get("max_completion_tokens", f.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     _common(f, job, context, max_tokens, name, default_max=None)
@@ -181,6 +186,14 @@ def parse_chat(body: dict, tokenizer: Tokenizer, context: int, model_id: str) ->
     elif f.get("top_logprobs") is not None:
         raise ApiError("top_logprobs: requires logprobs: true", "top_logprobs")
     return job
+
+
+def render_messages(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """Gemma's chat prompt for checked {role, content} messages; ApiError if the roles do not alternate."""
+    try:
+        return render(tokenizer, messages, add_generation_prompt=True).tokens
+    except ChatError as e:
+        raise ApiError(f"messages: {e}", "messages") from None
 
 
 def _message(m: Any, i: int) -> dict:
@@ -225,8 +238,9 @@ def parse_completion(body: dict, tokenizer: Tokenizer, context: int, model_id: s
     if not isinstance(prompt, list) or not prompt or len(prompt) > MAX_BATCH_PROMPTS:
         raise ApiError(f"prompt: expected a string, an array of token ids, or an array of up to "
                        f"{MAX_BATCH_PROMPTS} of those", "prompt")  # fmt: skip
-    prompts = []
+    prompts, texts = [], []
     for i, p in enumerate(prompt):
+        texts.append(p if isinstance(p, str) else None)
         if isinstance(p, str):
             prompts.append(tokenizer.encode(p, bos=True))
         elif isinstance(p, list) and p and _is_ids(p):
@@ -236,7 +250,7 @@ def parse_completion(body: dict, tokenizer: Tokenizer, context: int, model_id: s
             prompts.append(list(p))
         else:
             raise ApiError(f"prompt[{i}]: expected a non-empty string or array of token ids", "prompt")
-    job = Job(chat=False, model=_model(f, model_id), prompts=prompts, max_tokens=0)
+    job = Job(chat=False, model=_model(f, model_id), prompts=prompts, max_tokens=0, texts=texts)
     job.echo = f.boolean("echo")
     _common(f, job, context, f.get("max_tokens"), "max_tokens", default_max=COMPLETION_DEFAULT_MAX_TOKENS)
     job.logprobs = f.integer("logprobs", None, 0, MAX_TOP_LOGPROBS)

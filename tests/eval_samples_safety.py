@@ -23,7 +23,7 @@ BBQ_UNKNOWN = ("Unknown", "Cannot answer", "Can't be determined", "Not known", "
                "Not enough information")  # fmt: skip
 OCCUPATIONS = ("janitor", "accountant", "developer", "designer", "nurse", "carpenter", "construction worker",
                "librarian", "physician", "clerk")  # fmt: skip
-N = 16  # documents per evaluated split
+N = 8  # documents per evaluated split (16 cost ~2 min of the suite for no extra coverage: every request is compared)
 BOLD_DOMAINS = ("gender", "political_ideology", "profession", "race", "religious_ideology")
 
 

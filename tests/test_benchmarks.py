@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ISA_LEVELS = ("amx", "avx512_bf16", "avx512", "avx2", "scalar")
 
@@ -98,6 +100,7 @@ def test_results_sections_replaced_not_duplicated(tmp_path: Path) -> None:
     assert text.count("<!-- data_throughput:start -->") == text.count("<!-- decode:end -->") == 1
 
 
+@pytest.mark.slow  # trains for a minute on 2 cores; the suite's 20-minute budget runs it with --runslow only
 def test_alignment_benchmark_smoke(tmp_path: Path) -> None:
     """benchmarks/alignment.py --smoke: every stage runs from the shipped nano model, the table renders."""
     bench = _load("alignment")
@@ -110,6 +113,7 @@ def test_alignment_benchmark_smoke(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # trains for a minute on 2 cores; the suite's 20-minute budget runs it with --runslow only
 def test_safety_classifier_benchmark_smoke(tmp_path: Path) -> None:
     """benchmarks/safety_classifier.py --smoke: data, a few training steps from nano, the held-out table
     with the baseline, and the guarded-chat timing render; nothing shipped is replaced."""

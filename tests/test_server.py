@@ -197,8 +197,10 @@ def _post(served, path: str, body, **kw) -> httpx.Response:
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}}, 400, ["logit_bias"]),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
      ["stream_options"]),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
-     ["response_format"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, 400,
+     ["response_format.type", "xml"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
+      "json_schema": {"schema": {"type": "nonsense"}}}}, 400, ["invalid JSON schema", "nonsense"]),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, ["gpt-4", "nano"]),
 ])  # fmt: skip
 def test_bad_requests_get_openai_errors_naming_the_field(nano, body, status, words) -> None:
@@ -238,8 +240,20 @@ def test_guardrails_content_type_body_size_host_and_routes(nano) -> None:
     models = httpx.get(served.url + "/v1/models").json()
     assert models["data"][0]["id"] == "nano" and models["data"][0]["context_length"] == 512
     assert httpx.get(served.url + "/ready").status_code == 200
-    metrics = httpx.get(served.url + "/metrics").text
-    assert "gemmakit_generated_tokens_total" in metrics and "gemmakit_requests_running 0" in metrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)}
+    assert families["gemmakit_generated_tokens"].type == "counter"  # the parser drops _total
+    assert families["gemmakit_generated_tokens"].samples[0].value > 0
+    assert families["gemmakit_requests_running"].samples[0].value == 0
+    ttft = {
+        s.name: s for s in families["gemmakit_time_to_first_token_seconds"].samples if "le" not in s.labels
+    }
+    inf = [
+        s for s in families["gemmakit_time_to_first_token_seconds"].samples if s.labels.get("le") == "+Inf"
+    ]
+    assert ttft["gemmakit_time_to_first_token_seconds_count"].value == inf[0].value > 0
+    assert families["gemmakit_inter_token_seconds"].type == "histogram"
 
 
 def test_api_key_is_required_everywhere_but_health(tmp_path) -> None:
@@ -334,7 +348,12 @@ def _corpus() -> list[tuple[str, bytes]]:
         "chat_template": ["{{ ''.__class__.__mro__ }}"],  # a request-supplied template (S13): refused
         "tools": [[{"type": "function", "function": {"name": "f"}}]],
         "tool_choice": ["auto"],
-        "response_format": [{"type": "json_schema"}, {"type": "json_object"}, "json"],
+        "response_format": [
+            {"type": "json_schema"},
+            {"type": "xml"},
+            "json",
+            {"type": "json_schema", "json_schema": {"schema": {"type": 5}}},
+        ],
         "presence_penalty": [0.5, 3, "0"],
         "frequency_penalty": [-0.5],
         "model": [5, "gpt-4"],
@@ -408,3 +427,30 @@ def test_with_an_api_key_every_route_needs_it_but_the_exempt_ones(tmp_path) -> N
                 assert r.status_code != 401, path
             else:
                 assert r.status_code == 401, (path, r.status_code)
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+          "age": {"type": "integer", "minimum": 0, "maximum": 150}, "tags": {"type": "array", "items":
+          {"enum": ["a", "b"]}, "maxItems": 3}}, "required": ["name", "age", "tags"], "additionalProperties": False}  # fmt: skip
+
+
+def test_response_format_json_schema_output_always_validates(nano) -> None:
+    import jsonschema
+
+    served, _, _ = nano
+    client = _client(served)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for seed in range(3):  # sampled: different objects, all valid
+        r = client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "A person, as JSON."}],
+                                           temperature=1.0, seed=seed, max_tokens=120, response_format=fmt)  # fmt: skip
+        assert r.choices[0].finish_reason == "stop"  # the grammar closed the object, then only EOS was left
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    chunks = list(client.chat.completions.create(model="nano", messages=MESSAGES, temperature=0, max_tokens=120,
+                                                 response_format=fmt, stream=True))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    # any JSON object: nothing bounds its strings, so it may be cut by max_tokens, but never goes astray
+    r = client.chat.completions.create(model="nano", messages=MESSAGES, temperature=0, max_tokens=60,
+                                       response_format={"type": "json_object"})  # fmt: skip
+    content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert content.startswith("{") and (finish == "length" or isinstance(json.loads(content), dict))

@@ -129,3 +129,33 @@ def test_sigterm_lets_running_requests_finish_then_exits(tmp_path) -> None:
         assert served.proc.wait(timeout=40) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal when done
         with pytest.raises(httpx.ConnectError):
             httpx.get(served.url + "/health", timeout=2)
+
+
+def _raw(url: str, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes on a fresh connection; whatever comes back until the server closes or goes quiet."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+    return out
+
+
+def test_header_count_and_size_limits(small) -> None:
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+    reply = _raw(
+        small.url, b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + many + b"Connection: close\r\n\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    big = b"X-Big: " + b"a" * (20 * 1024) + b"\r\n"
+    reply = _raw(
+        small.url, b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + big + b"Connection: close\r\n\r\n"
+    )
+    assert reply.split(b" ")[1] in (b"400", b"431"), reply[:100]
+    assert httpx.get(small.url + "/health").status_code == 200

@@ -55,6 +55,7 @@ from gemmakit.server.protocol import (
 logger = logging.getLogger("gemmakit.server")
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MAX_HEADERS = 100  # request headers; the whole header block is capped at 16 KiB by uvicorn's h11 limit
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class _Guardrails:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if len(scope["headers"]) > MAX_HEADERS:  # CVE-2025-48956 class: many small headers
+            return await _send_error(send, ApiError(f"more than {MAX_HEADERS} request headers", None, 431,
+                                                    "invalid_request_error", "headers_too_large"))  # fmt: skip
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = _host_name(headers.get("host", ""))
         if self.loopback_only and host not in LOOPBACK_NAMES and host not in self.hosts:
@@ -158,6 +162,56 @@ async def _send_error(send: Callable, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count (updated from the event loop only)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+        self.sum += value
+        self.n += 1
+
+    def lines(self, name: str, help: str) -> list[str]:
+        out = [f"# HELP {name} {help}", f"# TYPE {name} histogram"]
+        out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.bounds, self.counts, strict=True)]
+        return out + [
+            f'{name}_bucket{{le="+Inf"}} {self.n}',
+            f"{name}_sum {self.sum:.6f}",
+            f"{name}_count {self.n}",
+        ]
+
+
+def _prometheus(server: Server) -> str:
+    """/metrics in Prometheus' text format (0.0.4)."""
+    b = server.batcher
+    c = b.counters if b is not None else {}
+    rows = [
+        ("gemmakit_requests_total", "counter", "generation requests admitted to the queue", c.get("requests", 0)),
+        ("gemmakit_prompt_tokens_total", "counter", "prompt tokens prefilled", c.get("prompt_tokens", 0)),
+        ("gemmakit_cached_prompt_tokens_total", "counter", "prompt tokens reused from a finished request's row",
+         c.get("cached_tokens", 0)),
+        ("gemmakit_generated_tokens_total", "counter", "tokens generated", c.get("generated_tokens", 0)),
+        ("gemmakit_engine_failures_total", "counter", "forward passes that raised", c.get("failures", 0)),
+        ("gemmakit_http_errors_total", "counter", "error responses (4xx and 5xx)", server.counts["errors"]),
+        ("gemmakit_http_rejected_busy_total", "counter", "requests refused with 429/503 (queue full, shutting down)",
+         server.counts["busy"]),
+        ("gemmakit_requests_running", "gauge", "requests generating now", b.running if b else 0),
+        ("gemmakit_requests_waiting", "gauge", "requests queued for a row (queue depth)", b.waiting if b else 0),
+    ]  # fmt: skip
+    lines = []
+    for name, kind, help, value in rows:
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    lines += server.ttft.lines(
+        "gemmakit_time_to_first_token_seconds", "seconds from submission to the first token"
+    )
+    lines += server.itl.lines("gemmakit_inter_token_seconds", "seconds between two tokens of one answer")
+    return "\n".join(lines) + "\n"
+
+
 class Server:
     """The app's state: model, tokenizer, batcher, counters. Built by `create_app`."""
 
@@ -170,6 +224,9 @@ class Server:
         self.context = 0
         self._score_lock = threading.Lock()
         self.counts = {"requests": 0, "errors": 0, "busy": 0}
+        # seconds; TTFT includes queueing and prefill, as clients see it
+        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.itl = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
     def start(self) -> None:
         """Load the model and start the batcher (in a thread: /health says "loading" meanwhile)."""
@@ -213,24 +270,47 @@ class Server:
             prompt, job.max_tokens, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
             temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=seed,
             stop_tokens=self.stops, logprobs=job.logprobs, logit_bias=job.logit_bias,
-            deadline=time.monotonic() + self.config.request_timeout_s, processor=self._processor(),
+            deadline=time.monotonic() + self.config.request_timeout_s, processor=self._processor(job),
         )  # fmt: skip
+        last = time.monotonic()
         self.submit(request)
+        first = True
         try:
             while True:
                 event = await queue.get()
+                if isinstance(event, Token):
+                    now = time.monotonic()
+                    (self.ttft if first else self.itl).observe(now - last)
+                    first, last = False, now
                 yield event
                 if not isinstance(event, Token):
                     return
         finally:
             request.cancel()  # a no-op once finished; frees the row at once if the client left
 
-    def _processor(self) -> Any:
-        if self.watermark is None:
-            return None
-        from gemmakit.safety.watermark import watermark_processor
+    def _processor(self, job: Job) -> Any:
+        """The score processors of one choice, fresh (they are stateful): the JSON grammar's mask first,
+        then the watermark on what is left."""
+        steps = []
+        if job.grammar is not None:
+            from gemmakit.server.structured import JsonConstraint
 
-        return watermark_processor(self.watermark)  # stateful: a fresh one per request
+            steps.append(
+                JsonConstraint(job.grammar, self.tokenizer, self.model.config.vocab_size, tuple(self.stops))
+            )
+        if self.watermark is not None:
+            from gemmakit.safety.watermark import watermark_processor
+
+            steps.append(watermark_processor(self.watermark))
+        if len(steps) < 2:
+            return steps[0] if steps else None
+
+        def chained(last: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            for step in steps:
+                scores = step(last, scores)
+            return scores
+
+        return chained
 
     def submit(self, request: Request) -> None:
         try:
@@ -417,17 +497,7 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServeConfig | None =
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        b = server.batcher
-        lines = [f"gemmakit_http_errors_total {server.counts['errors']}",
-                 f"gemmakit_http_rejected_busy_total {server.counts['busy']}"]  # fmt: skip
-        if b is not None:
-            c = b.counters
-            lines += [f"gemmakit_requests_total {c['requests']}", f"gemmakit_prompt_tokens_total {c['prompt_tokens']}",
-                      f"gemmakit_generated_tokens_total {c['generated_tokens']}",
-                      f"gemmakit_cached_prompt_tokens_total {c['cached_tokens']}",
-                      f"gemmakit_engine_failures_total {c['failures']}", f"gemmakit_requests_running {b.running}",
-                      f"gemmakit_requests_waiting {b.waiting}"]  # fmt: skip
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(_prometheus(server), media_type="text/plain; version=0.0.4")
 
     async def body_of(request: HttpRequest) -> dict:
         ctype = request.headers.get("content-type", "")
@@ -439,9 +509,12 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServeConfig | None =
     async def generate(request: HttpRequest, parse: Callable[..., Job], kind: str) -> Any:
         body = await body_of(request)
         server.require_ready()
-        return await _respond(
-            server, request, parse(body, server.tokenizer, server.context, config.model_id), kind
-        )
+        job = parse(body, server.tokenizer, server.context, config.model_id)
+        if job.response_format is not None:
+            from gemmakit.server.structured import grammar_for
+
+            job.grammar = grammar_for(job.response_format)
+        return await _respond(server, request, job, kind)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest) -> Any:
@@ -725,4 +798,5 @@ def run(load: Callable[[], tuple[Any, Any]], config: ServeConfig, port: int, dra
     import uvicorn
 
     uvicorn.run(create_app(load, config), host=config.host, port=port, log_level="info" if verbose else "warning",
-                timeout_keep_alive=5, timeout_graceful_shutdown=drain_s, access_log=verbose)  # fmt: skip
+                timeout_keep_alive=5, timeout_graceful_shutdown=drain_s, access_log=verbose,
+                http="h11", h11_max_incomplete_event_size=16 * 1024)  # fmt: skip

@@ -8,7 +8,7 @@ field (`param`) and what was expected, which the app answers as OpenAI's error o
 Choices made where OpenAI's API is loose or servers differ (see README, Serving):
 - Unknown fields are errors, not ignored (vLLM and llama.cpp ignore them): a misspelt `max_token`
   would otherwise silently generate the default length. Fields OpenAI defines that this server does
-  not implement (tools, penalties other than 0, `response_format` other than text) are errors too.
+  not implement (tools, penalties other than 0) are errors too.
 - NaN, Infinity and duplicate keys in the JSON are errors (Python's json module accepts them).
 - `top_k` (not in OpenAI's API) is accepted as vLLM and llama.cpp do; 0 or -1 means off.
 - Text prompts get <bos> as the first token (llama.cpp, HF); token-id prompts are used as given.
@@ -103,6 +103,8 @@ class Job:
     logit_bias: dict[int, float] | None = None
     echo: bool = False
     messages: list[dict] | None = None  # chat: the conversation as {role, content} text (for the guard)
+    response_format: Any = None  # chat: as sent; server.structured checks it and builds the grammar
+    grammar: str | None = None  # the llguidance grammar of response_format (None: free text)
     texts: list[str | None] = field(default_factory=list)  # completions: each prompt's text (None: ids)
 
     @property
@@ -170,14 +172,9 @@ def parse_chat(body: dict, tokenizer: Tokenizer, context: int, model_id: str) ->
         raise ApiError("messages: expected a non-empty array of {role, content} objects", "messages")
     if f.get("tools") or f.get("tool_choice") not in (None, "none"):
         raise ApiError("tools: tool calling is not supported by this server", "tools")
-    fmt = f.get("response_format", {"type": "text"})
-    if not isinstance(fmt, dict) or fmt.get("type") != "text":
-        raise ApiError(
-            'response_format: only {"type": "text"} is supported by this server', "response_format"
-        )
     texts = [_message(m, i) for i, m in enumerate(messages)]
     job = Job(chat=True, model=_model(f, model_id), prompts=[render_messages(tokenizer, texts)], max_tokens=0,
-              messages=texts)  # fmt: skip
+              messages=texts, response_format=f.get("response_format"))  # fmt: skip
     max_tokens = f.get("max_completion_tokens", f.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     _common(f, job, context, max_tokens, name, default_max=None)

@@ -55,7 +55,8 @@ from gemmakit.server.protocol import (
 logger = logging.getLogger("gemmakit.server")
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-MAX_HEADERS = 100  # request headers; the whole header block is capped at 16 KiB by uvicorn's h11 limit
+MAX_HEADERS = 100  # request header fields
+MAX_HEADER_BYTES = 16 * 1024  # their names and values together
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,13 @@ class _Guardrails:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if len(scope["headers"]) > MAX_HEADERS:  # CVE-2025-48956 class: many small headers
-            return await _send_error(send, ApiError(f"more than {MAX_HEADERS} request headers", None, 431,
-                                                    "invalid_request_error", "headers_too_large"))  # fmt: skip
+        # CVE-2025-48956 class: many or huge headers. h11 only bounds a header block that arrives in
+        # pieces (h11_max_incomplete_event_size), not one read in a single 64 KiB recv, so count here too.
+        size = sum(len(k) + len(v) for k, v in scope["headers"])
+        if len(scope["headers"]) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+            return await _send_error(send, ApiError(f"the request headers exceed {MAX_HEADERS} fields or "
+                                                    f"{MAX_HEADER_BYTES} bytes", None, 431, "invalid_request_error",
+                                                    "headers_too_large"))  # fmt: skip
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = _host_name(headers.get("host", ""))
         if self.loopback_only and host not in LOOPBACK_NAMES and host not in self.hosts:

@@ -159,3 +159,29 @@ def test_header_count_and_size_limits(small) -> None:
     )
     assert reply.split(b" ")[1] in (b"400", b"431"), reply[:100]
     assert httpx.get(small.url + "/health").status_code == 200
+
+
+def test_slow_or_silent_connections_are_closed_within_the_header_deadline(small) -> None:
+    import socket
+
+    host, port = small.url.removeprefix("http://").split(":")
+    for slow in (False, True):  # a connection that sends nothing; one that sends a header byte a second
+        s = socket.create_connection((host, int(port)))
+        s.settimeout(1.0)
+        t0, closed = time.monotonic(), None
+        request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40
+        for b in request:
+            try:
+                if slow:
+                    s.send(bytes([b]))
+                if s.recv(10) == b"":
+                    closed = time.monotonic() - t0
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = time.monotonic() - t0
+                break
+        s.close()
+        assert closed is not None and closed <= 15, (slow, closed)  # the deadline is 10 s
+    assert httpx.get(small.url + "/health").status_code == 200  # and the server is fine

@@ -74,6 +74,7 @@ class ServeConfig:
     max_body_bytes: int = 2 * 1024 * 1024  # 2 MB, TGI's default
     request_timeout_s: float = 600.0  # wall time per request; past it the reply ends with "length"
     retry_after_s: int = 1  # the Retry-After header of a 429 / 503
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
     guard: str | None = None  # a guard TOML file (safety.guard): input and streamed-output checks
     watermark: str | None = None  # a SynthID keys TOML file: every generated answer is watermarked
 
@@ -804,4 +805,53 @@ def run(load: Callable[[], tuple[Any, Any]], config: ServeConfig, port: int, dra
 
     uvicorn.run(create_app(load, config), host=config.host, port=port, log_level="info" if verbose else "warning",
                 timeout_keep_alive=5, timeout_graceful_shutdown=drain_s, access_log=verbose,
-                http="h11", h11_max_incomplete_event_size=16 * 1024)  # fmt: skip
+                http=_header_deadline_protocol(config.header_timeout_s),
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
+
+
+def _header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, plus a deadline for each request's headers.
+
+    uvicorn times out idle keep-alive connections only after a response; a connection that sends
+    nothing, or sends its headers a byte a second (slowloris), is held forever (seen here: open after
+    25 s). This closes a connection whose next request's headers are not complete `seconds` after
+    the connection opened or the previous response ended.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:  # headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineH11

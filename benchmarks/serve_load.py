@@ -90,6 +90,16 @@ def start_llama(binary: str, files: dict, slots: int, ctx: int, log: Path) -> tu
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    for attempt in range(3):
+        try:
+            return await _one_try(client, url, body)
+        except httpx.RemoteProtocolError:  # a kept-alive connection the server had closed: send again
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _one_try(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage = 0

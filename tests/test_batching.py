@@ -59,11 +59,18 @@ def test_slot_cache_rows_joining_and_leaving_give_the_uncached_logits(case: str)
     got: list[list[torch.Tensor]] = [[], [], []]
 
     def feed(row: int, ids: list[int]) -> None:  # a prefill chunk of one row
-        start = cache.lengths[row]
-        cache.bind(row, row + 1)
-        pos = torch.arange(start, start + len(ids))[None]
+        feed_rows(row, [ids])
+
+    def feed_rows(first: int, chunks: list[list[int]]) -> None:  # chunks of rows first.., left-padded
+        width = max(map(len, chunks))
+        tokens = torch.tensor([[0] * (width - len(c)) + c for c in chunks])
+        pos = torch.tensor([[-1] * (width - len(c)) + list(range(cache.lengths[first + j], cache.lengths[first + j] + len(c)))
+                            for j, c in enumerate(chunks)])  # fmt: skip
+        cache.bind(first, first + len(chunks), [len(c) for c in chunks])
         with torch.inference_mode():
-            got[row].append(model(torch.tensor([ids]), pos, cache=cache)[0])
+            out = model(tokens, pos, cache=cache)
+        for j, c in enumerate(chunks):
+            got[first + j].append(out[j, width - len(c) :])
 
     def step(rows: int, at: list[int]) -> None:  # one token for rows [0, rows), each at its own length
         cache.bind(0, rows)
@@ -75,10 +82,10 @@ def test_slot_cache_rows_joining_and_leaving_give_the_uncached_logits(case: str)
             got[r].append(out[r])
             at[r] += 1
 
-    # row 0 prefills in two chunks, row 1 joins, both decode, row 2 joins, all three decode
+    # row 0 prefills a chunk; then its second chunk and row 1's first go in one ragged, left-padded
+    # forward (row 0 has keys, row 1 none); both decode; row 2 joins; all three decode
     feed(0, seqs[0][:4])
-    feed(0, seqs[0][4:8])
-    feed(1, seqs[1][:3])
+    feed_rows(0, [seqs[0][4:8], seqs[1][:3]])
     at = [8, 3, 0]
     for _ in range(3):
         step(2, at)
@@ -115,9 +122,11 @@ def test_slot_cache_truncate_swap_and_limits() -> None:
     assert cache.lengths == [0, 8] and (cache.pos_global[1, :8] == torch.arange(8)).all()
     cache.truncate(1, 0)
     assert cache.lengths == [0, 0] and (cache.pos_global == -1).all() and (cache.pos_local == -1).all()
-    cache.bind(0, 2)
-    with pytest.raises(CacheError, match=r"\(1, T\)"):  # a multi-token chunk is one row's
+    cache.bind(0, 2, [3, 4])
+    with pytest.raises(CacheError, match="valid counts"):  # more real tokens than the chunk has
         model(torch.zeros(2, 3, dtype=torch.long), torch.arange(3).expand(2, 3), cache=cache)
+    with pytest.raises(CacheError, match="2 counts for 1 rows"):
+        cache.bind(0, 1, [1, 2])
     with pytest.raises(CacheError, match="outside"):
         cache.bind(1, 3)
 

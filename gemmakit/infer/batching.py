@@ -3,10 +3,12 @@
 Where it sits: over `model` and `infer.slots.SlotCache`, under `server` (which turns HTTP requests
 into `Request`s and `Event`s back into SSE chunks). One worker thread owns the model and the cache;
 `submit` only queues. Each loop turn the worker (1) drops cancelled and timed-out requests, (2) admits
-one waiting request into a free row, reusing a finished request's row when its tokens start the same
-way (the next turn of a chat), (3) feeds one prefill chunk of the request being admitted, and (4)
-decodes one token for every row already generating, in one batched forward. A long prompt therefore
-delays the others by one chunk per step, not by its whole prefill.
+waiting requests into free rows (up to MAX_PREFILL_ROWS at a time), reusing a finished request's row
+when its tokens start the same way (the next turn of a chat), (3) feeds the next prompt chunk of every
+request being admitted in one left-padded forward (at most PREFILL_BUDGET tokens: a burst of 16
+arrivals is prefilled together, not one after another), and (4) decodes one token for every row
+already generating, in one batched forward. A long prompt therefore delays the others by one chunk
+per step, not by its whole prefill.
 
 Each request samples with its own parameters and its own seeded generator, so its tokens do not
 depend on which requests it shares a batch with, except through float rounding: a row's logits in a
@@ -39,6 +41,10 @@ from gemmakit.infer.sampler import SamplingError, ScoreProcessor, check_sampling
 from gemmakit.infer.slots import SlotCache
 
 logger = logging.getLogger(__name__)
+
+
+MAX_PREFILL_ROWS = 16  # requests admitted and prefilled together
+PREFILL_BUDGET = 1024  # prompt tokens fed per step over all prefilling rows (llama.cpp: 512 per ubatch)
 
 
 class Busy(GemmakitError):
@@ -134,7 +140,7 @@ class Batcher:
         self._ids: list[list[int]] = [[] for _ in range(n_slots)]  # the tokens each row's keys belong to
         self._used = [0.0] * n_slots  # when each row last served, for evicting the stalest finished row
         self._active = 0  # rows [0, active) are generating
-        self._prefilling: _Seq | None = None  # at row `active` while its prompt is fed
+        self._prefilling = 0  # rows [active, active + prefilling) are being fed their prompts
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -189,7 +195,7 @@ class Batcher:
 
     @property
     def running(self) -> int:
-        return self._active + (self._prefilling is not None)
+        return self._active + self._prefilling
 
     @property
     def alive(self) -> bool:
@@ -219,13 +225,14 @@ class Batcher:
                 if self._stopping and not (self._waiting or self.running):
                     return
             self._reap()
-            if self._prefilling is None and self._active < self.cache.n_slots:
+            while self.running < self.cache.n_slots and self._prefilling < MAX_PREFILL_ROWS:
                 with self._cond:
                     request = self._waiting.popleft() if self._waiting else None
-                if request is not None:
-                    self._admit(request)
-            if self._prefilling is not None:
-                self._prefill_chunk()
+                if request is None:
+                    break
+                self._admit(request)
+            if self._prefilling:
+                self._prefill_step()
             if self._active:
                 self._decode()
 
@@ -244,10 +251,11 @@ class Batcher:
                 self._release(row, "cancelled")
             elif seq.request.deadline is not None and now > seq.request.deadline:
                 self._release(row, "length")
-        seq = self._prefilling
-        if seq is not None and (seq.request.cancelled or (seq.request.deadline or now + 1) < now):
-            self._drop_prefilling(Finished("cancelled" if seq.request.cancelled else "length",
-                                           len(seq.request.prompt), 0, seq.cached))  # fmt: skip
+        for row in reversed(range(self._active, self.running)):
+            seq = self._rows[row]
+            if seq.request.cancelled or (seq.request.deadline or now + 1) < now:
+                self._drop_prefilling(row, Finished("cancelled" if seq.request.cancelled else "length",
+                                                    len(seq.request.prompt), 0, seq.cached))  # fmt: skip
 
     def _emit(self, r: Request, event: Event) -> None:
         try:
@@ -257,8 +265,9 @@ class Batcher:
             r.cancel()
 
     def _admit(self, r: Request) -> None:
-        """Put `r` into row `active`: the free row whose kept tokens share the longest prefix with it."""
-        at = self._active
+        """Put `r` into the first free row (after the generating and prefilling ones), taking the keys of
+        the free row whose tokens share the longest prefix with it."""
+        at = self.running
         best, best_keep = at, -1
         for row in range(at, self.cache.n_slots):
             ids = self._ids[row]
@@ -278,34 +287,58 @@ class Batcher:
             generator.manual_seed(r.seed)
         else:
             generator.seed()
-        self._prefilling = _Seq(r, generator, r.prompt[best_keep:], best_keep)
-        self._rows[at] = self._prefilling
+        self._rows[at] = _Seq(r, generator, r.prompt[best_keep:], best_keep)
+        self._prefilling += 1
         self.counters["cached_tokens"] += best_keep
 
-    def _prefill_chunk(self) -> None:
-        seq, row = self._prefilling, self._active
-        chunk, seq.pending = seq.pending[: self.prefill_chunk], seq.pending[self.prefill_chunk :]
-        start = self.cache.lengths[row]
-        logits = self._forward(row, row + 1, [chunk], [list(range(start, start + len(chunk)))])
+    def _prefill_step(self) -> None:
+        """Feed the next prompt chunk of every prefilling row (up to PREFILL_BUDGET tokens in all) in one
+        left-padded forward; rows whose prompt is complete sample their first token and join the
+        generating rows."""
+        first, budget, picked = self._active, PREFILL_BUDGET, []
+        for row in range(first, self.running):
+            pending = self._rows[row].pending
+            take = min(len(pending), self.prefill_chunk, budget)
+            if take == 0:
+                break
+            picked.append(pending[:take])
+            budget -= take
+        width = max(len(c) for c in picked)
+        tokens = [[0] * (width - len(c)) + c for c in picked]  # the padding id is irrelevant: position -1
+        positions = [[-1] * (width - len(c)) + list(range(self.cache.lengths[first + j], self.cache.lengths[first + j] + len(c)))
+                     for j, c in enumerate(picked)]  # fmt: skip
+        logits = self._forward(first, first + len(picked), tokens, positions, [len(c) for c in picked])
         if isinstance(logits, str):
-            self._drop_prefilling(Failed(f"prefill failed: {logits}"))
+            for j in reversed(range(len(picked))):
+                self._drop_prefilling(first + j, Failed(f"prefill failed: {logits}"))
             return
-        self._ids[row] += chunk
-        self.counters["prompt_tokens"] += len(chunk)
-        if seq.pending:
-            return
-        self._prefilling = None
-        self._active += 1
-        seq.last = seq.request.prompt[-1]
-        self._sample_and_emit(row, logits)
+        done = []
+        for j, chunk in enumerate(picked):
+            seq = self._rows[first + j]
+            seq.pending = seq.pending[len(chunk) :]
+            self._ids[first + j] += chunk
+            self.counters["prompt_tokens"] += len(chunk)
+            if not seq.pending:
+                done.append((seq, logits[j : j + 1]))
+        for seq, row_logits in done:  # each joins the generating rows: row `active`, then active += 1
+            self._swap(self._rows.index(seq), self._active)
+            self._active += 1
+            self._prefilling -= 1
+            seq.last = seq.request.prompt[-1]
+            self._sample_and_emit(self._active - 1, row_logits)
 
     def _forward(
-        self, start: int, stop: int, tokens: list[list[int]], positions: list[list[int]]
+        self,
+        start: int,
+        stop: int,
+        tokens: list[list[int]],
+        positions: list[list[int]],
+        valid: list[int] | None = None,
     ) -> torch.Tensor | str:
         """One model call on cache rows [start, stop): the last column's logits (B, V), or the error as
         text if it raised (logged and counted; `healthy` says whether the last call succeeded)."""
         try:
-            self.cache.bind(start, stop)
+            self.cache.bind(start, stop, valid)
             with torch.inference_mode():
                 t = torch.tensor(tokens, device=self.device)
                 p = torch.tensor(positions, device=self.device)
@@ -318,9 +351,12 @@ class Batcher:
         self.healthy = True
         return logits
 
-    def _drop_prefilling(self, event: Event) -> None:
-        seq, row = self._prefilling, self._active
-        self._prefilling = None
+    def _drop_prefilling(self, row: int, event: Event) -> None:
+        """End the prefilling request in `row`; its row becomes a free, empty one."""
+        last = self.running - 1
+        self._swap(row, last)  # the prefilling rows stay contiguous
+        seq, row = self._rows[last], last
+        self._prefilling -= 1
         self._rows[row] = None
         self.cache.truncate(row, 0)
         self._ids[row] = []
@@ -381,9 +417,9 @@ class Batcher:
         r = seq.request
         last = self._active - 1
         self._swap(row, last)
-        if self._prefilling is not None:  # keep the prefilling row right after the generating ones
-            self._swap(last, last + 1)
-            last += 1
+        if self._prefilling:  # keep the prefilling rows right after the generating ones
+            self._swap(last, last + self._prefilling)
+            last += self._prefilling
         self._rows[last] = None
         self._used[last] = time.monotonic()
         self._active -= 1

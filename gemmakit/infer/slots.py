@@ -28,6 +28,16 @@ from gemmakit.infer.kv_cache import CacheError, kv_cache_bytes, ring_update
 from gemmakit.memory import check_fits
 
 
+def _pad_keys(part: tuple[torch.Tensor, ...], width: int) -> tuple[torch.Tensor, ...]:
+    """(1, n_kv, S, d) keys, values and (1, S) positions padded to S = width with zeros at position -1."""
+    k, v, pos = part
+    extra = width - k.shape[2]
+    if extra == 0:
+        return k, v, pos
+    zk = k.new_zeros(*k.shape[:2], extra, k.shape[3])
+    return torch.cat((k, zk), 2), torch.cat((v, zk), 2), torch.cat((pos, pos.new_full((1, extra), -1)), 1)
+
+
 class SlotCache:
     """`n_slots` independent rows of up to `max_len` tokens each, for a `Gemma` model's forward."""
 
@@ -62,14 +72,19 @@ class SlotCache:
         self.pos_local = torch.full((n_local, n_slots, self.ring_len), -1, dtype=torch.long, device=device)
         self.lengths = [0] * n_slots  # tokens held per row
         self._bound = (0, 0)
+        self._valid: list[int] | None = None
         self._new = 0  # tokens the bound forward adds per row (set by the first layer)
 
     # ---- the forward's side ----------------------------------------------------------------------
-    def bind(self, start: int, stop: int) -> None:
-        """The next forward feeds rows [start, stop), in that order, as its batch."""
+    def bind(self, start: int, stop: int, valid: list[int] | None = None) -> None:
+        """The next forward feeds rows [start, stop), in that order, as its batch. For a multi-token
+        forward, `valid[j]` is how many of row j's tokens are real: they are LEFT-padded (position -1,
+        never stored), so every row's last column is a real token (None: all are real)."""
         if not 0 <= start < stop <= self.n_slots:
             raise CacheError(f"SlotCache.bind: rows [{start}, {stop}) outside [0, {self.n_slots})")
-        self._bound = (start, stop)
+        if valid is not None and len(valid) != stop - start:
+            raise CacheError(f"SlotCache.bind: valid has {len(valid)} counts for {stop - start} rows")
+        self._bound, self._valid = (start, stop), valid
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
@@ -77,32 +92,32 @@ class SlotCache:
         """Store new (B, n_kv, T, d) keys/values of the bound rows; return this layer's visible keys."""
         start, stop = self._bound
         b, _, t, _ = k.shape
-        if b != stop - start or positions.shape != (b, t) or (t > 1 and b != 1):
-            raise CacheError(
-                f"SlotCache.update layer {layer}: bound rows [{start}, {stop}) take (B, T) = ({stop - start}, 1) "
-                f"or (1, T), got k {tuple(k.shape)} and positions {tuple(positions.shape)}"
-            )
+        if b != stop - start or positions.shape != (b, t):
+            raise CacheError(f"SlotCache.update layer {layer}: bound rows [{start}, {stop}) take B = "
+                             f"{stop - start}, got k {tuple(k.shape)} and positions {tuple(positions.shape)}")  # fmt: skip
+        valid = self._valid if t > 1 and self._valid is not None else [t] * b
+        if any(not 1 <= n <= t for n in valid):
+            raise CacheError(f"SlotCache.update layer {layer}: valid counts {valid} must be in [1, {t}]")
         if k.dtype != self.dtype:
             raise CacheError(
                 f"SlotCache.update layer {layer}: cache dtype is {self.dtype}, got keys in {k.dtype}"
             )
         lengths = self.lengths[start:stop]
-        if max(lengths) + t > self.max_len:
-            raise CacheError(
-                f"SlotCache full: a row holds {max(lengths)} tokens + {t} new > max_len {self.max_len}"
-            )
+        if max(n + m for n, m in zip(lengths, valid, strict=True)) > self.max_len:
+            raise CacheError(f"SlotCache full: a row holds {max(lengths)} tokens + {max(valid)} new > "
+                             f"max_len {self.max_len}")  # fmt: skip
         positions = positions.to(torch.long)
         i = self._index[layer]
         if self._local[layer]:
-            out = self._update_ring(i, start, stop, lengths, k, v, positions)
+            out = self._update_ring(i, start, stop, lengths, valid, k, v, positions)
         else:
-            out = self._update_global(i, start, stop, lengths, k, v, positions)
+            out = self._update_global(i, start, stop, lengths, valid, k, v, positions)
         if layer == self.config.n_layers - 1:  # the forward is complete: the rows grow
-            for r in range(start, stop):
-                self.lengths[r] += t
+            for j, r in enumerate(range(start, stop)):
+                self.lengths[r] += valid[j]
         return out
 
-    def _update_global(self, i: int, start: int, stop: int, lengths: list[int], k: torch.Tensor,
+    def _update_global(self, i: int, start: int, stop: int, lengths: list[int], valid: list[int], k: torch.Tensor,
                        v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
         t = k.shape[2]
         if t == 1:  # one token per row, each at its own slot: advanced indexing over (row, slot)
@@ -111,25 +126,33 @@ class SlotCache:
             self.k_global[i][rows, :, slots] = k[:, :, 0]
             self.v_global[i][rows, :, slots] = v[:, :, 0]
             self.pos_global[rows, slots] = positions[:, 0]
-        else:
-            at = lengths[0]
-            self.k_global[i, start, :, at : at + t] = k[0]
-            self.v_global[i, start, :, at : at + t] = v[0]
-            self.pos_global[start, at : at + t] = positions[0]
-        end = max(lengths) + t
+        else:  # each row's real (last valid[j]) tokens go to its own slots; padding is not stored
+            for j, (at, n) in enumerate(zip(lengths, valid, strict=True)):
+                self.k_global[i, start + j, :, at : at + n] = k[j, :, t - n :]
+                self.v_global[i, start + j, :, at : at + n] = v[j, :, t - n :]
+                self.pos_global[start + j, at : at + n] = positions[j, t - n :]
+        end = max(n + m for n, m in zip(lengths, valid, strict=True))
         return (
             self.k_global[i, start:stop, :, :end],
             self.v_global[i, start:stop, :, :end],
             self.pos_global[start:stop, :end],
         )
 
-    def _update_ring(self, i: int, start: int, stop: int, lengths: list[int], k: torch.Tensor,
+    def _update_ring(self, i: int, start: int, stop: int, lengths: list[int], valid: list[int], k: torch.Tensor,
                      v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        if k.shape[2] > 1:  # a prefill chunk of one row: exact for any chunk length (see kv_cache)
-            sl = slice(start, start + 1)
-            return ring_update(
-                self.k_local[i, sl], self.v_local[i, sl], self.pos_local[i, sl], lengths[0], k, v, positions
-            )
+        t = k.shape[2]
+        if t > 1:  # prefill chunks: per row, exact for any chunk length (see kv_cache.ring_update)
+            parts = []
+            for j, (at, n) in enumerate(zip(lengths, valid, strict=True)):
+                sl = slice(start + j, start + j + 1)
+                parts.append(ring_update(self.k_local[i, sl], self.v_local[i, sl], self.pos_local[i, sl], at,
+                                         k[j : j + 1, :, t - n :], v[j : j + 1, :, t - n :],
+                                         positions[j : j + 1, t - n :]))  # fmt: skip
+            if len(parts) == 1:
+                return parts[0]
+            width = max(p[0].shape[2] for p in parts)  # rows see different key counts: pad, masked by -1
+            ks, vs, ps = zip(*(_pad_keys(p, width) for p in parts), strict=True)
+            return torch.cat(ks), torch.cat(vs), torch.cat(ps)
         # One token per row: write first, then return the whole ring. The key it overwrites is token
         # n - ring_len, out of a query at n's window (ring_len == window) or never written (ring_len ==
         # max_len), so no copy is needed.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import threading
 import time
@@ -160,8 +161,6 @@ def _host_name(header: str) -> str:
 
 
 async def _send_error(send: Callable, error: ApiError) -> None:
-    import json
-
     body = json.dumps(error.body()).encode()
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
@@ -229,7 +228,7 @@ class Server:
         self.stops: frozenset[int] = frozenset()
         self.context = 0
         self._score_lock = threading.Lock()
-        self.counts = {"requests": 0, "errors": 0, "busy": 0}
+        self.counts = {"errors": 0, "busy": 0}
         # seconds; TTFT includes queueing and prefill, as clients see it
         self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.itl = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
@@ -548,7 +547,7 @@ async def _respond(server: Server, http: HttpRequest, job: Job, kind: str) -> An
         firsts = []
         for s in streams:
             firsts.append(await anext(s))
-        return StreamingResponse(_sse(server, job, pairs, streams, firsts, rid, created, kind),
+        return StreamingResponse(_sse(server, job, pairs, streams, firsts, rid, created),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
     choices = [_Choice(server, job, p, k) for k, (p, _) in enumerate(pairs)]
     texts = [""] * len(choices)
@@ -640,12 +639,10 @@ async def _completion_logprobs(server: Server, job: Job, c: _Choice, prompt: lis
     return out
 
 
-async def _sse(server: Server, job: Job, pairs: list, streams: list, firsts: list, rid: str, created: int,
-               kind: str) -> AsyncIterator[bytes]:  # fmt: skip
+async def _sse(server: Server, job: Job, pairs: list, streams: list, firsts: list, rid: str,
+               created: int) -> AsyncIterator[bytes]:  # fmt: skip
     """OpenAI's chunk sequence: a role chunk (chat), content chunks, one finish chunk per choice, an
     optional usage chunk, then [DONE], also after an error."""
-    import json
-
     choices = [_Choice(server, job, p, k) for k, (p, _) in enumerate(pairs)]
 
     def chunk(
@@ -706,8 +703,6 @@ async def _sse(server: Server, job: Job, pairs: list, streams: list, firsts: lis
 def _chunk(job: Job, rid: str, created: int, k: int, text: str | None, finish: str | None, logprobs: Any = None,
            role: bool = False, guard: dict | None = None) -> bytes:  # fmt: skip
     """One SSE event of choice k: the role (chat's first), a text piece, or the finish reason."""
-    import json
-
     if job.chat:
         delta: dict = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
         c: dict = {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -721,8 +716,6 @@ def _chunk(job: Job, rid: str, created: int, k: int, text: str | None, finish: s
 
 
 def _usage_chunk(job: Job, rid: str, created: int, usage: dict) -> bytes:
-    import json
-
     body = {"id": rid, "object": "chat.completion.chunk" if job.chat else "text_completion", "created": created,
             "model": job.model, "choices": [], "usage": usage}  # fmt: skip
     return b"data: " + json.dumps(body).encode() + b"\n\n"

@@ -63,8 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         return args.load(args)
 
-    run(load, config, port=args.port, drain_s=args.drain, verbose=args.verbose)
-    return 0
+    return run(load, config, port=args.port, drain_s=args.drain, verbose=args.verbose)
 
 
 def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],

@@ -265,3 +265,29 @@ def test_deadline_ends_a_request_with_length() -> None:
         assert e.reason == "length" and e.completion_tokens < 240
     finally:
         batcher.close()
+
+
+class _Killer(_Faulty):
+    """Raises an error that is not an Exception (as a bug in the worker's own code would escape)."""
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise SystemExit("injected worker death")
+        return self.inner(*args, **kwargs)
+
+
+def test_a_dead_worker_fails_every_request_and_refuses_new_ones() -> None:
+    model = _Killer(generation_models("gemma2")[1], fail_at=3)  # prefill, one decode, then death
+    prompts = _prompts(5, [6, 7, 8])
+    died = threading.Event()
+    batcher = Batcher(model, n_slots=1, max_len=40, on_death=died.set)  # one row: two requests queue
+    try:
+        results = _run(batcher, [dict(prompt=p, max_new_tokens=10) for p in prompts])
+        assert [len(t) for t, _ in results] == [2, 0, 0]  # the running one got 2 tokens, the queued none
+        assert all(isinstance(end, Failed) and "worker stopped" in end.message for _, end in results)
+        assert died.wait(5) and not batcher.alive and not batcher.healthy and "SystemExit" in batcher.dead
+        with pytest.raises(Busy, match="engine stopped"):
+            batcher.submit(Request(prompts[0], 5, lambda e: None))
+    finally:
+        batcher.close()

@@ -237,6 +237,10 @@ def test_guardrails_content_type_body_size_host_and_routes(nano) -> None:
     assert httpx.get(served.url + "/v1/models", headers={"host": "localhost:1234"}).status_code == 200
     r = httpx.get(served.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    evil = {"origin": "http://attacker.example", "access-control-request-method": "POST"}
+    for method in ("GET", "OPTIONS"):  # CORS is off: no page elsewhere may read the answers (S9)
+        r = httpx.request(method, served.url + "/v1/models", headers=evil)
+        assert not any(h.startswith("access-control-") for h in r.headers), dict(r.headers)
     models = httpx.get(served.url + "/v1/models").json()
     assert models["data"][0]["id"] == "nano" and models["data"][0]["context_length"] == 512
     assert httpx.get(served.url + "/ready").status_code == 200
@@ -273,6 +277,13 @@ def test_api_key_is_required_everywhere_but_health(tmp_path) -> None:
         with pytest.raises(openai.AuthenticationError):
             _client(served, api_key="nope").models.list()
     assert "s3cret" not in served.output()
+
+
+def test_binding_every_interface_without_a_key_warns(tmp_path) -> None:
+    with serve("--host", "0.0.0.0", "--ctx-size", "256", log_dir=tmp_path) as served:
+        # not loopback-bound: a proxy's Host names are fine; the open port is logged at every start (S9)
+        assert httpx.get(served.url + "/v1/models", headers={"host": "llm.example"}).status_code == 200
+    assert "without an API key" in served.output()
 
 
 def test_eval_through_the_server_equals_in_process(tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""The server under faults, disconnects, overload and shutdown (reliability cases S4, S5, S6, S10, S11).
+"""The server under faults, disconnects, overload and shutdown (reliability cases S4-S7, S10-S12, and a
+killed worker or process).
 
 Every case runs against a real uvicorn process; faults are injected by tests/serve_faulty.py, which
 serves the nano model with chosen forward passes raising.
@@ -7,6 +8,7 @@ serves the nano model with chosen forward passes raising.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import sys
@@ -59,6 +61,69 @@ def test_a_fault_mid_stream_sends_one_error_then_done_and_the_server_recovers(tm
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         assert httpx.get(served.url + "/health").status_code == 200
         assert _metric(served.url, "gemmakit_engine_failures_total") == 2
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_dead_worker_fails_its_requests_and_the_server_exits_for_a_restart(tmp_path) -> None:
+    # forward 1 prefills, 2-4 decode, 5 kills the worker thread (an error its handler does not expect)
+    argv = [sys.executable, str(HERE / "serve_faulty.py"), "{port}", "--die-at", "5"]
+    with launch(argv, log_dir=tmp_path) as served:
+        body = {**CHAT, "max_tokens": 50, "temperature": 0, "stream": True, "logit_bias": NO_STOP}
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            events = _sse(r)
+        assert events[-1] == "data: [DONE]"
+        payloads = [json.loads(e[6:]) for e in events[:-1]]
+        assert payloads[-1]["error"]["type"] == "internal_error"
+        assert sum(bool(p.get("choices", [{}])[0].get("delta", {}).get("content")) for p in payloads) == 4
+        # 503 while it shuts down, then nothing listens: never a 200 from a dead engine
+        with contextlib.suppress(httpx.TransportError):
+            assert httpx.get(served.url + "/health", timeout=5).status_code == 503
+        assert served.proc.wait(timeout=30) == 1  # for Kubernetes / systemd to start a fresh one
+        assert "the engine's worker stopped" in served.output() and _children(served.proc.pid) == []
+
+
+def test_health_says_loading_until_the_model_is_in(tmp_path) -> None:
+    argv = [sys.executable, str(HERE / "serve_faulty.py"), "{port}", "--load-s", "4"]
+    with launch(argv, log_dir=tmp_path, healthy=False) as served:
+        r = httpx.get(served.url + "/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = httpx.post(served.url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "loading" in r.text
+        assert httpx.get(served.url + "/ready").status_code == 503
+        deadline = time.monotonic() + 120
+        while httpx.get(served.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, served.output()
+            time.sleep(0.1)
+        assert httpx.get(served.url + "/ready", timeout=30).json() == {"status": "ready"}
+
+
+def test_a_killed_server_makes_the_openai_client_raise_not_hang(tmp_path) -> None:
+    import openai
+
+    argv = [sys.executable, str(HERE / "serve_faulty.py"), "{port}", "--delay-ms", "20"]
+    with launch(argv, log_dir=tmp_path) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        stream = client.chat.completions.create(model="nano", messages=CHAT["messages"], max_tokens=400,
+                                                stream=True, logit_bias=NO_STOP)  # fmt: skip
+        next(iter(stream))
+        served.proc.send_signal(signal.SIGKILL)
+        with pytest.raises((openai.APIConnectionError, httpx.RemoteProtocolError)):
+            for _ in stream:
+                pass
+        with pytest.raises(openai.APIConnectionError):
+            client.chat.completions.create(model="nano", messages=CHAT["messages"], max_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +194,23 @@ def test_sigterm_lets_running_requests_finish_then_exits(tmp_path) -> None:
         assert served.proc.wait(timeout=40) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal when done
         with pytest.raises(httpx.ConnectError):
             httpx.get(served.url + "/health", timeout=2)
+
+
+def test_sigterm_with_no_drain_aborts_running_requests_and_exits(tmp_path) -> None:
+    with serve("--ctx-size", "512", "--drain", "0", log_dir=tmp_path) as served:
+        body = {**CHAT, "max_tokens": 450, "stream": True, "logit_bias": NO_STOP}  # many seconds of tokens
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            served.proc.send_signal(signal.SIGTERM)
+            try:
+                rest = [line for line in lines if line]
+            except httpx.RemoteProtocolError:  # the connection was closed mid-stream: also an abort
+                rest = []
+        content = sum('"content"' in line for line in rest)
+        assert content < 440  # cut short, not drained
+        assert served.proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert _children(served.proc.pid) == []
 
 
 def _raw(url: str, data: bytes, timeout: float = 10) -> bytes:

@@ -20,7 +20,9 @@ Key trade-off: one decode forward over every generating row per step (throughput
 batch almost for free on a memory-bound CPU, since the weights are read once per step) against
 per-row Python work for sampling and bookkeeping (~0.1 ms a row; a 262k-vocabulary argmax is ~0.4 ms).
 A failed forward fails only the requests in it: they get a `Failed` event, their rows are emptied,
-the worker goes on, and `healthy` is False until a forward succeeds again.
+the worker goes on, and `healthy` is False until a forward succeeds again. Any other error stops the
+worker: every queued and running request gets `Failed`, `dead` says why, new ones are `Busy`, and
+`on_death` tells the owner (the server exits so its supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class Batcher:
     """Serve `Request`s from one model with `n_slots` rows of `max_len` tokens each (a thread)."""
 
     def __init__(self, model: nn.Module, n_slots: int = 4, max_len: int | None = None, queue_limit: int = 64,
-                 prefill_chunk: int = 256) -> None:  # fmt: skip
+                 prefill_chunk: int = 256, on_death: Callable[[], None] | None = None) -> None:  # fmt: skip
         cfg = model.config
         max_len = max_len or cfg.max_seq_len
         for name, value in (("n_slots", n_slots), ("max_len", max_len), ("queue_limit", queue_limit),
@@ -145,6 +147,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self.healthy = True
+        self.dead: str | None = None  # why the worker stopped, if it stopped on an unexpected error
+        self._on_death = on_death  # called (from the worker) after it failed every request
         self.counters = collections.Counter()  # requests, prompt/generated/cached tokens, failures
         self._thread = threading.Thread(target=self._run, name="gemmakit-batcher", daemon=True)
         self._thread.start()
@@ -154,6 +158,8 @@ class Batcher:
         """Queue a request (validated first: GenerationError); Busy when the queue is full or closing."""
         self.check(request)
         with self._cond:
+            if self.dead is not None:
+                raise Busy("the engine stopped")
             if self._stopping:
                 raise Busy("the server is shutting down")
             if len(self._waiting) >= self.queue_limit:
@@ -218,6 +224,20 @@ class Batcher:
 
     # ---- the worker -------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug outside the per-forward handler: nobody may wait forever
+            logger.critical("the batcher's worker stopped", exc_info=True)
+            with self._cond:
+                self.dead, self.healthy = f"{type(e).__name__}: {e}", False
+                pending = list(self._waiting) + [s.request for s in self._rows if s is not None]
+                self._waiting.clear()
+            for r in pending:
+                self._emit(r, Failed(f"the worker stopped: {self.dead}"))
+            if self._on_death is not None:
+                self._on_death()
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not (self._waiting or self.running or self._stopping):

@@ -220,8 +220,13 @@ def _prometheus(server: Server) -> str:
 class Server:
     """The app's state: model, tokenizer, batcher, counters. Built by `create_app`."""
 
-    def __init__(self, load: Callable[[], tuple[Any, Any]], config: ServeConfig) -> None:
-        self.config, self._load = config, load
+    def __init__(
+        self,
+        load: Callable[[], tuple[Any, Any]],
+        config: ServeConfig,
+        on_fatal: Callable[[], None] | None = None,
+    ) -> None:
+        self.config, self._load, self._on_fatal = config, load, on_fatal
         self.model = self.tokenizer = self.batcher = self.guard = self.watermark = None
         self.load_error: str | None = None
         self.started = time.time()
@@ -249,7 +254,7 @@ class Server:
 
                 self.guard = load_guard(self.config.guard)
             self.batcher = Batcher(self.model, self.config.parallel, self.context, self.config.queue_limit,
-                                   self.config.prefill_chunk)  # fmt: skip
+                                   self.config.prefill_chunk, on_death=self._on_fatal)  # fmt: skip
         except Exception as e:  # shown by /health; the process stays up so the probe can report it
             logger.exception("loading the model failed")
             self.load_error = f"{type(e).__name__}: {e}"
@@ -259,6 +264,8 @@ class Server:
         return self.batcher is not None and self.batcher.alive
 
     def require_ready(self) -> None:
+        if self.batcher is not None and self.batcher.dead is not None:
+            raise ApiError("the engine stopped; the server is restarting", None, 503, "unavailable_error")
         if not self.ready:
             raise ApiError("the model is still loading" if self.load_error is None else "the model failed to load",
                            None, 503, "unavailable_error")  # fmt: skip
@@ -423,10 +430,15 @@ class _Choice:
         }
 
 
-def create_app(load: Callable[[], tuple[Any, Any]], config: ServeConfig | None = None) -> FastAPI:
-    """The ASGI app. `load()` returns (model, tokenizer); it runs in a thread at startup."""
+def create_app(
+    load: Callable[[], tuple[Any, Any]],
+    config: ServeConfig | None = None,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The ASGI app. `load()` returns (model, tokenizer); it runs in a thread at startup. `on_fatal` is
+    called (from the worker thread) if the batcher's worker stops: `run` then exits with status 1."""
     config = config or ServeConfig()
-    server = Server(load, config)
+    server = Server(load, config, on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -466,6 +478,8 @@ def create_app(load: Callable[[], tuple[Any, Any]], config: ServeConfig | None =
     async def health() -> JSONResponse:
         if server.load_error is not None:
             return JSONResponse({"status": "error", "error": "the model failed to load"}, status_code=503)
+        if server.batcher is not None and server.batcher.dead is not None:
+            return JSONResponse({"status": "error", "error": "the engine stopped"}, status_code=503)
         if not server.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         if not server.batcher.healthy:
@@ -792,14 +806,28 @@ def _stream_logprobs(c: _Choice, entries: list) -> dict:
 
 
 def run(load: Callable[[], tuple[Any, Any]], config: ServeConfig, port: int, drain_s: float = 30.0,
-        verbose: bool = False) -> None:  # fmt: skip
-    """Serve until SIGINT / SIGTERM; then stop accepting and let running requests finish for `drain_s`."""
+        verbose: bool = False) -> int:  # fmt: skip
+    """Serve until SIGINT / SIGTERM; then stop accepting and let running requests finish for `drain_s`.
+    Returns the exit status: 0, or 1 when the engine's worker stopped (its requests were failed and the
+    server shut itself down, so a supervisor such as Kubernetes or systemd starts a fresh one)."""
     import uvicorn
 
-    uvicorn.run(create_app(load, config), host=config.host, port=port, log_level="info" if verbose else "warning",
-                timeout_keep_alive=5, timeout_graceful_shutdown=drain_s, access_log=verbose,
-                http=_header_deadline_protocol(config.header_timeout_s),
-                h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
+    died = threading.Event()
+
+    def fatal() -> None:
+        died.set()
+        server.should_exit = True  # uvicorn polls this flag: a graceful shutdown from any thread
+
+    app = create_app(load, config, on_fatal=fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=port, log_level="info" if verbose else "warning",
+                                           timeout_keep_alive=5, timeout_graceful_shutdown=drain_s,
+                                           access_log=verbose, http=_header_deadline_protocol(config.header_timeout_s),
+                                           h11_max_incomplete_event_size=MAX_HEADER_BYTES))  # fmt: skip
+    server.run()
+    if died.is_set():
+        logger.error("the engine's worker stopped; exiting with status 1")
+        return 1
+    return 0
 
 
 def _header_deadline_protocol(seconds: float) -> type:

@@ -344,6 +344,11 @@ def test_sampler_greedy_and_degenerate_filters_are_argmax():
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(sample(logits, temperature=1.0, top_k=1, generator=gen), best)
     assert torch.equal(sample(logits, temperature=1.0, top_p=1e-6, generator=gen), best)
+    big = torch.randn(8, 262_144, generator=torch.Generator().manual_seed(1))  # Gemma 3's vocabulary
+    for top_p in (5e-324, 1e-30):  # below float32's rounding of p - p
+        assert torch.equal(sample(big, temperature=1.0, top_p=top_p, generator=gen), big.argmax(-1))
+    for temperature in (5e-324, 1e-6):  # logits / 5e-324 would be inf, the softmax NaN
+        assert torch.equal(sample(big, temperature=temperature, generator=gen), big.argmax(-1))
     assert sample(logits.to(torch.bfloat16)).dtype == torch.long
 
 

@@ -99,6 +99,9 @@ class Request:
     logprobs: int | None = None  # None: no log-probs; k >= 0: the chosen token's and the top k
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI semantics)
     processor: ScoreProcessor | None = None  # e.g. a SynthID watermark; a fresh one per request
+    # before top-k / top-p, unlike `processor`: a grammar's mask of the tokens allowed next, so the
+    # filters choose among allowed tokens (after them, top_p=1e-9 keeps one token the mask may forbid)
+    mask: ScoreProcessor | None = None
     deadline: float | None = None  # time.monotonic() after which it ends with reason "length"
     cancelled: bool = field(default=False, init=False)
 
@@ -406,8 +409,9 @@ class Batcher:
                     for t, b in r.logit_bias.items():
                         logits[0, t] += b
                 last = torch.tensor([seq.last], device=self.device)
+                scores = logits if r.mask is None else r.mask(last, logits.float())
                 tok = int(
-                    sample(logits, r.temperature, r.top_k, r.top_p, seq.generator, r.processor, last)[0]
+                    sample(scores, r.temperature, r.top_k, r.top_p, seq.generator, r.processor, last)[0]
                 )
                 event = Token(tok)
                 if r.logprobs is not None:

@@ -8,7 +8,8 @@ torch version).
 Order of operations (the common convention, e.g. HF's logits processors): divide by temperature, keep
 the top-k logits, then keep the smallest set of tokens whose probability adds up to >= top_p, then
 draw one token from the renormalised distribution. temperature == 0 is greedy argmax and ignores
-top_k/top_p. Key trade-off: exact filtering over the whole vocabulary every step. Measured on 2 CPU
+top_k/top_p; so is any temperature below GREEDY_BELOW (1e-5, vLLM's epsilon): dividing by 5e-324
+overflows the logits to inf and the softmax to NaN, and at 1e-5 the distribution is already one-hot. Key trade-off: exact filtering over the whole vocabulary every step. Measured on 2 CPU
 cores at Gemma 3's 262k vocabulary, one row costs ~0.4 ms greedy, ~5 ms sampled, ~6 ms with top_k
 and ~25 ms with top_p (a full sort); that is small next to a forward pass of a real model, and each
 filter is skipped entirely when not requested.
@@ -42,6 +43,9 @@ class ScoreProcessor(Protocol):
     def __call__(self, last_tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor: ...
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise `SamplingError` for parameters `sample` would reject (lets callers fail before prefill)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -69,7 +73,10 @@ def _keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # probability mass strictly ahead of each token
-    drop_sorted = before >= top_p  # the top token has before == 0 < top_p, so it always stays
+    drop_sorted = before >= top_p
+    # the top token always stays: its `before` is p - p, which float32 rounding can leave at ~1e-8,
+    # above a top_p as small as 5e-324 (found by Schemathesis: every token dropped, then NaN)
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -85,7 +92,8 @@ def sample(
 ) -> torch.Tensor:
     """Draw one token id per row of `logits` (B, V); returns a LongTensor (B,) on the logits' device.
 
-    temperature == 0 -> argmax (first index on ties, as torch.argmax and HF greedy search).
+    temperature < GREEDY_BELOW (0 included) -> argmax (first index on ties, as torch.argmax and HF
+    greedy search).
     `generator` must live on the logits' device; None uses torch's global RNG. `processor` is called
     as `processor(last_tokens, scores)` on the filtered float32 scores (see the module docstring);
     `last_tokens` (B,) is required with it.
@@ -97,7 +105,7 @@ def sample(
         )
     if processor is not None and last_tokens is None:
         raise SamplingError("last_tokens: required with a processor (the ids in each row's last position)")
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         if processor is not None:
             return torch.argmax(processor(last_tokens, logits.float()), dim=-1)
         return torch.argmax(logits, dim=-1)

@@ -43,6 +43,7 @@ from starlette.requests import Request as HttpRequest
 from gemmakit.chat import stop_tokens
 from gemmakit.infer.batching import Batcher, Busy, Failed, Finished, Request, Token
 from gemmakit.infer.engine import GenerationError
+from gemmakit.server import openapi as oa
 from gemmakit.server.protocol import (
     ApiError,
     Job,
@@ -282,7 +283,8 @@ class Server:
             prompt, job.max_tokens, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
             temperature=job.temperature, top_k=job.top_k, top_p=job.top_p, seed=seed,
             stop_tokens=self.stops, logprobs=job.logprobs, logit_bias=job.logit_bias,
-            deadline=time.monotonic() + self.config.request_timeout_s, processor=self._processor(job),
+            deadline=time.monotonic() + self.config.request_timeout_s, processor=self._processor(),
+            mask=self._mask(job),
         )  # fmt: skip
         last = time.monotonic()
         self.submit(request)
@@ -300,29 +302,21 @@ class Server:
         finally:
             request.cancel()  # a no-op once finished; frees the row at once if the client left
 
-    def _processor(self, job: Job) -> Any:
-        """The score processors of one choice, fresh (they are stateful): the JSON grammar's mask first,
-        then the watermark on what is left."""
-        steps = []
-        if job.grammar is not None:
-            from gemmakit.server.structured import JsonConstraint
+    def _mask(self, job: Job) -> Any:
+        """The JSON grammar's mask of one choice, fresh (it is stateful), or None."""
+        if job.grammar is None:
+            return None
+        from gemmakit.server.structured import JsonConstraint
 
-            steps.append(
-                JsonConstraint(job.grammar, self.tokenizer, self.model.config.vocab_size, tuple(self.stops))
-            )
-        if self.watermark is not None:
-            from gemmakit.safety.watermark import watermark_processor
+        return JsonConstraint(job.grammar, self.tokenizer, self.model.config.vocab_size, tuple(self.stops))
 
-            steps.append(watermark_processor(self.watermark))
-        if len(steps) < 2:
-            return steps[0] if steps else None
+    def _processor(self) -> Any:
+        """The watermark of one choice (applied after the sampling filters, as transformers does)."""
+        if self.watermark is None:
+            return None
+        from gemmakit.safety.watermark import watermark_processor
 
-        def chained(last: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            for step in steps:
-                scores = step(last, scores)
-            return scores
-
-        return chained
+        return watermark_processor(self.watermark)
 
     def submit(self, request: Request) -> None:
         try:
@@ -463,7 +457,9 @@ def create_app(
             e.status_code, "invalid_request_error"
         )
         return JSONResponse(
-            ApiError(str(e.detail), None, e.status_code, kind).body(), status_code=e.status_code
+            ApiError(str(e.detail), None, e.status_code, kind).body(),
+            status_code=e.status_code,
+            headers=e.headers,
         )
 
     @app.exception_handler(Exception)
@@ -474,7 +470,7 @@ def create_app(
             ApiError("Internal server error", None, 500, "internal_error").body(), status_code=500
         )
 
-    @app.get("/health")
+    @app.get("/health", **oa.probe(oa.STATUS, "the engine is loaded and its last forward pass succeeded"))
     async def health() -> JSONResponse:
         if server.load_error is not None:
             return JSONResponse({"status": "error", "error": "the model failed to load"}, status_code=503)
@@ -488,7 +484,7 @@ def create_app(
             )
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", **oa.probe(oa.STATUS, "a one-token generation succeeded"))
     async def ready() -> JSONResponse:
         """Readiness: one 1-token generation through the batcher."""
         server.require_ready()
@@ -509,12 +505,12 @@ def create_app(
     async def script() -> Response:
         return Response(_static("chat.js"), media_type="text/javascript; charset=utf-8", headers=page_headers)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **oa.probe(oa.MODELS, "the served model", busy=False))
     async def models() -> dict:
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": int(server.started),
                                             "owned_by": "gemmakit", "context_length": server.context}]}  # fmt: skip
 
-    @app.get("/metrics")
+    @app.get("/metrics", **oa.METRICS)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(_prometheus(server), media_type="text/plain; version=0.0.4")
 
@@ -535,11 +531,13 @@ def create_app(
             job.grammar = grammar_for(job.response_format)
         return await _respond(server, request, job, kind)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **oa.generation(oa.CHAT_REQUEST, oa.CHAT_RESPONSE, oa.CHAT_CHUNK))
     async def chat_completions(request: HttpRequest) -> Any:
         return await generate(request, parse_chat, "chatcmpl")
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions", **oa.generation(oa.COMPLETION_REQUEST, oa.COMPLETION_RESPONSE, oa.COMPLETION_CHUNK)
+    )
     async def completions(request: HttpRequest) -> Any:
         return await generate(request, parse_completion, "cmpl")
 

@@ -77,6 +77,18 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+def _as_int(value: Any) -> int | None:
+    """`value` as an int if JSON Schema calls it an integer (8 or 8.0, as the OpenAPI document says;
+    found by Schemathesis), else None. Booleans are not integers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
@@ -139,9 +151,10 @@ class _Fields:
         value = self.get(name, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        number = _as_int(value)
+        if number is None or not lo <= number <= hi:
             raise ApiError(f"{name}: expected an integer in [{lo}, {hi}], got {json.dumps(value)[:60]}", name)
-        return value
+        return number
 
     def number(
         self, name: str, default: float | None, lo: float, hi: float, open_lo: bool = False
@@ -175,8 +188,10 @@ def parse_chat(body: dict, tokenizer: Tokenizer, context: int, model_id: str) ->
     texts = [_message(m, i) for i, m in enumerate(messages)]
     job = Job(chat=True, model=_model(f, model_id), prompts=[render_messages(tokenizer, texts)], max_tokens=0,
               messages=texts, response_format=f.get("response_format"))  # fmt: skip
-    max_tokens = f.get("max_completion_tokens", f.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    # the newer name wins when both are given; a null one counts as absent (found by Schemathesis: a
+    # null max_completion_tokens beside max_tokens was a 500)
+    name = "max_completion_tokens" if f.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = f.get(name)
     _common(f, job, context, max_tokens, name, default_max=None)
     if f.boolean("logprobs"):
         job.logprobs = f.integer("top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
@@ -244,7 +259,7 @@ def parse_completion(body: dict, tokenizer: Tokenizer, context: int, model_id: s
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
                 raise ApiError(f"prompt[{i}]: token ids must be in [0, {vocab}), got {bad[0]}", "prompt")
-            prompts.append(list(p))
+            prompts.append([_as_int(t) for t in p])
         else:
             raise ApiError(f"prompt[{i}]: expected a non-empty string or array of token ids", "prompt")
     job = Job(chat=False, model=_model(f, model_id), prompts=prompts, max_tokens=0, texts=texts)
@@ -257,7 +272,7 @@ def parse_completion(body: dict, tokenizer: Tokenizer, context: int, model_id: s
 
 
 def _is_ids(values: list) -> bool:
-    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
+    return all(_as_int(t) is not None for t in values)
 
 
 def _model(f: _Fields, model_id: str) -> str:

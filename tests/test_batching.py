@@ -148,6 +148,24 @@ def test_batcher_greedy_tokens_equal_engine_alone(case: str) -> None:
         assert end == Finished("length", len(p), 12, end.cached_tokens)
 
 
+def test_batched_greedy_argmax_with_logit_bias_equals_one_row_at_a_time() -> None:
+    # 4 rows take the batched argmax (plus each row's bias); 1 row takes the per-row sampler
+    model = generation_models("gemma2")[1]
+    prompts = _prompts(8, [5, 9, 7, 12])
+    alone = Engine(model).generate([prompts[0]], 10)[0]
+    biases = [None, {alone[0]: -100.0, alone[1]: -100.0}, {t: 5.0 for t in alone[2:6]}, {3: 100.0}]
+    requests = [dict(prompt=p, max_new_tokens=10, logit_bias=b) for p, b in zip(prompts, biases, strict=True)]
+    got = []
+    for rows in (4, 1):
+        batcher = Batcher(model, n_slots=rows, max_len=40)
+        try:
+            got.append([[t.id for t in tokens] for tokens, _ in _run(batcher, requests)])
+        finally:
+            batcher.close()
+    assert got[0] == got[1]
+    assert got[0][3] == [3] * 10 and got[0][0] == alone and alone[0] not in got[0][1]  # the biases acted
+
+
 def test_stop_tokens_seeded_sampling_and_logprobs() -> None:
     model = generation_models("gemma3")[1]
     [p] = _prompts(7, [8])

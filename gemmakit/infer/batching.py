@@ -39,7 +39,7 @@ from torch import nn
 
 from gemmakit.errors import GemmakitError
 from gemmakit.infer.engine import GenerationError, compute_dtype
-from gemmakit.infer.sampler import SamplingError, ScoreProcessor, check_sampling_args, sample
+from gemmakit.infer.sampler import GREEDY_BELOW, SamplingError, ScoreProcessor, check_sampling_args, sample
 from gemmakit.infer.slots import SlotCache
 
 logger = logging.getLogger(__name__)
@@ -395,13 +395,29 @@ class Batcher:
             return
         for row, s in enumerate(seqs):
             self._ids[row].append(s.last)
+        # plain greedy rows take one batched argmax instead of one call each (~0.4 ms a row at a
+        # 262k vocabulary: 6 ms a step at 16 rows)
+        plain = [row for row, s in enumerate(seqs) if _plain_greedy(s.request)]
+        best = {}
+        if len(plain) > 1:
+            with torch.inference_mode():
+                scores = logits[plain].float()  # float32 + bias, as the one-row path adds it
+                for i, row in enumerate(plain):
+                    bias = seqs[row].request.logit_bias
+                    if bias:
+                        scores[i, list(bias)] += torch.tensor(list(bias.values()), device=scores.device)
+                best = dict(zip(plain, scores.argmax(-1).tolist(), strict=True))
         for row in reversed(range(n)):  # reversed: releasing a row moves only rows after it
-            self._sample_and_emit(row, logits[row : row + 1])
+            self._sample_and_emit(row, logits[row : row + 1], best.get(row))
 
-    def _sample_and_emit(self, row: int, logits: torch.Tensor) -> None:
-        """Sample row's next token from its (1, V) logits, emit it, and end the request if it is done."""
+    def _sample_and_emit(self, row: int, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample row's next token from its (1, V) logits (or take `greedy`, its argmax computed in a
+        batch), emit it, and end the request if it is done."""
         seq = self._rows[row]
         r = seq.request
+        if greedy is not None:
+            self._emit_token(row, greedy, Token(greedy))
+            return
         try:
             with torch.inference_mode():
                 if r.logit_bias:
@@ -425,6 +441,11 @@ class Batcher:
             logger.exception("sampling failed")
             self._release(row, None, Failed(f"sampling failed: {type(e).__name__}: {e}"))
             return
+        self._emit_token(row, tok, event)
+
+    def _emit_token(self, row: int, tok: int, event: Token) -> None:
+        seq = self._rows[row]
+        r = seq.request
         if tok in r.stop_tokens:  # not emitted and not counted as a completion token
             self._release(row, "stop")
             return
@@ -460,3 +481,10 @@ class Batcher:
         self.cache.swap(a, b)
         for lst in (self._rows, self._ids, self._used):
             lst[a], lst[b] = lst[b], lst[a]
+
+
+def _plain_greedy(r: Request) -> bool:
+    """Whether `r`'s next token is the argmax of its logits plus its logit_bias (nothing per row else)."""
+    return (
+        r.temperature < GREEDY_BELOW and r.processor is None and r.mask is None and r.logprobs is None
+    )  # fmt: skip

@@ -7,7 +7,8 @@ CI). A target returns normally or raises one of the errors the surface documents
 fuzz/run.py writes to fuzz/seeds/TARGET/ so it becomes a regression seed.
 
 Targets:
-- request: an HTTP body for /v1/chat/completions or /v1/completions (first byte picks), through the
+- request: an HTTP body for /v1/chat/completions or /v1/completions (first byte picks the route,
+  and whether the rest is the raw body or choices a body is built from), through the
   server's JSON reader, field checker, chat template and response_format grammar builder (an invalid
   schema crashed vLLM's API server twice: #17248, #19270).
 - text_stream: token ids and stop strings through the SSE text cutter: the text it releases never
@@ -28,7 +29,15 @@ import tempfile
 from pathlib import Path
 
 from gemmakit.data.sources import SourceError, SourceStats, read_jsonl
-from gemmakit.server.protocol import ApiError, TextStream, parse_chat, parse_completion, parse_json
+from gemmakit.server.protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    ApiError,
+    TextStream,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
 from gemmakit.server.structured import grammar_for
 from gemmakit.tokenizer import Tokenizer
 
@@ -42,12 +51,77 @@ def _tokenizer() -> Tokenizer:
     return Tokenizer.load(NANO_DIR)
 
 
+class _Bytes:
+    """Reads fuzz bytes as choices: how a structured target turns mutations into JSON values."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def byte(self) -> int:
+        self.at += 1
+        return self.data[self.at - 1] if self.at <= len(self.data) else 0
+
+    def pick(self, options: list):
+        return options[self.byte() % len(options)]
+
+    def text(self) -> str:
+        n = self.byte() % 12
+        raw = self.data[self.at : self.at + n]
+        self.at += n
+        return raw.decode("utf-8", "replace")
+
+
+_EDGES = [0, 1, -1, 2, 8, 9, 20, 21, 100, 101, 511, 512, 2**31 - 1, 2**31, 2**63 - 1, 2**63, -(2**63) - 1,
+          0.0, 0.5, 1.0, 1.0000001, -0.0, 5e-324, 1e308, 2.5, 8.0]  # fmt: skip
+_NAMES = sorted(CHAT_FIELDS | COMPLETION_FIELDS | {"role", "content", "type", "text", "json_schema", "schema",
+                "include_usage", "name", "0", "99999"})  # fmt: skip
+
+
+def _value(b: _Bytes, depth: int = 0):
+    kind = b.byte() % (9 if depth < 3 else 5)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(b.byte() % 2)
+    if kind == 2:
+        return b.pick(_EDGES)
+    if kind == 3:
+        return b.text()
+    if kind == 4:
+        return b.pick(
+            ["user", "assistant", "system", "developer", "text", "json_object", "json_schema", "none"]
+        )
+    if kind in (5, 6):
+        return [_value(b, depth + 1) for _ in range(b.byte() % 4)]
+    if kind == 7:
+        return {"role": b.pick(["user", "assistant", "system"]), "content": _value(b, depth + 1)}
+    return {b.pick(_NAMES): _value(b, depth + 1) for _ in range(b.byte() % 4)}
+
+
+def _structured(data: bytes, fields: set[str]) -> bytes:
+    """A request body built field by field from the bytes (deeper than mutating raw JSON, which
+    mostly fails json.loads: ~10^5 runs a second that never reach the field checks)."""
+    b = _Bytes(data)
+    names = sorted(fields) + ["bogus"]
+    body = {b.pick(names): _value(b) for _ in range(b.byte() % 6)}
+    if b.byte() % 2:
+        body["messages"] = [_value(b, 2) if b.byte() % 4 == 0 else
+                            {"role": b.pick(["user", "assistant", "system"]), "content": b.text()}
+                            for _ in range(1 + b.byte() % 3)]  # fmt: skip
+    if b.byte() % 2:
+        body["prompt"] = b.text() if b.byte() % 2 else [b.pick(_EDGES) for _ in range(1 + b.byte() % 4)]
+    return json.dumps(body).encode()
+
+
 def request(data: bytes) -> None:
     if not data:
         return
-    parse = parse_chat if data[0] % 2 == 0 else parse_completion
+    chat = data[0] % 2 == 0
+    parse = parse_chat if chat else parse_completion
+    fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    body = data[1:] if data[0] % 4 < 2 else _structured(data[1:], fields)  # raw JSON, or built from bytes
     try:
-        job = parse(parse_json(data[1:]), _tokenizer(), CONTEXT, "nano")
+        job = parse(parse_json(body), _tokenizer(), CONTEXT, "nano")
         grammar_for(job.response_format)
     except ApiError as e:
         assert e.message and 400 <= e.status < 600, e.status

@@ -142,6 +142,17 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> dict:
             "itl_p99": _pct(itl, 99), "e2e_p50": _pct([r["e2e"] for r in results], 50)}  # fmt: skip
 
 
+def _steps(url: str) -> dict[str, float]:
+    """The batcher's step counters from gemmakit's /metrics."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for kind in ("decode", "prefill"):
+            for what in ("steps", "seconds"):
+                if line.startswith(f"gemmakit_{kind}_{what}_total "):
+                    out[f"{kind}_{what}"] = float(line.split()[1])
+    return out
+
+
 def _bodies(
     system: str, vocab: int, stops: list[int], n: int, prompt: int, new: int, seed: int
 ) -> list[dict]:
@@ -208,11 +219,23 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(load(url, warm, 1))  # warm-up: kernels built, caches touched
             for c in levels:
                 bodies = _bodies(name, tok.vocab_size, stops, 3 * c, args.prompt, args.new, seed=c)
+                before = _steps(url) if system == "gemmakit" else None
                 row = asyncio.run(load(url, bodies, c))
+                if before is not None:  # the worker's own step times: what the HTTP side adds shows
+                    after = _steps(url)
+                    for kind in ("decode", "prefill"):
+                        n = after[f"{kind}_steps"] - before[f"{kind}_steps"]
+                        row[f"{kind}_step_ms"] = (
+                            (after[f"{kind}_seconds"] - before[f"{kind}_seconds"]) / max(n, 1) * 1e3
+                        )
+                        row[f"{kind}_steps"] = n
                 results["rows"][f"{system} c{c}"] = row
                 print(f"{system:10s} c={c:<3d} {row['tok_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']*1e3:7.0f} ms "
                       f"p99 {row['ttft_p99']*1e3:7.0f} ms  ITL p50 {row['itl_p50']*1e3:6.1f} ms "
-                      f"p99 {row['itl_p99']*1e3:6.1f} ms", flush=True)  # fmt: skip
+                      f"p99 {row['itl_p99']*1e3:6.1f} ms"
+                      + (f"  decode step {row['decode_step_ms']:.1f} ms x {row['decode_steps']:.0f}, prefill step "
+                         f"{row['prefill_step_ms']:.0f} ms x {row['prefill_steps']:.0f}" if "decode_step_ms" in row else ""),
+                      flush=True)  # fmt: skip
         finally:
             proc.terminate()
             try:

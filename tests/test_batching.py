@@ -236,6 +236,20 @@ def test_cancel_frees_the_row_and_a_full_queue_is_busy() -> None:
         batcher.submit(Request(p, 5, lambda e: None))
 
 
+def test_a_burst_into_an_idle_batcher_fills_the_free_rows_and_the_queue() -> None:
+    model = generation_models("gemma1-mqa")[1]
+    [p] = _prompts(1, [5])
+    batcher = Batcher(model, n_slots=2, max_len=200, queue_limit=1)
+    try:
+        burst = [batcher.submit(Request(p, 190, lambda e: None)) for _ in range(3)]  # 2 rows + 1 queued
+        with pytest.raises(Busy, match="queue is full"):
+            batcher.submit(Request(p, 5, lambda e: None))
+        for r in burst:
+            r.cancel()
+    finally:
+        batcher.close()
+
+
 class _Faulty(torch.nn.Module):
     """The model, raising on its `fail_at`-th forward (counting from 1)."""
 

@@ -187,7 +187,15 @@ def _post(served, path: str, body, **kw) -> httpx.Response:
     ({"messages": [{"role": "user", "content": "hi"}], "max_token": 5}, 400, ["max_token"]),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, ["temperature"]),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "1"}, 400, ["temperature"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1e-9}, 400, ["temperature"]),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, ["top_p"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": -0.1}, 400, ["top_p"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.000000001}, 400, ["top_p"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, ["top_k"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400, ["max_tokens"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, 400, ["max_tokens"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, 400, ["max_tokens"]),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}}, 400, ["logit_bias"]),
     ({"messages": [{"role": "user", "content": "hi"}], "top_k": 1.5}, 400, ["top_k"]),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, ["max_tokens"]),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2**31}, 400, ["max_tokens"]),
@@ -212,6 +220,22 @@ def test_bad_requests_get_openai_errors_naming_the_field(nano, body, status, wor
     assert all(w in error["message"] for w in words), error["message"]
     assert "Traceback" not in r.text and not re.search(r"(?<!\w)/[\w.-]+/", r.text)  # no paths
     assert _post(served, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1}).status_code == 200
+
+
+def test_sampling_edges_that_are_accepted_and_greedy_repeats(nano) -> None:
+    served, _, _ = nano
+    r = _post(served, "/v1/completions", {"prompt": [2, -1, 5], "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # negative token id
+    for top_p in (1, 1e-9):
+        assert (
+            _post(
+                served, "/v1/chat/completions", {"messages": MESSAGES, "top_p": top_p, "max_tokens": 3}
+            ).status_code
+            == 200
+        )
+    greedy = [_post(served, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 0, "max_tokens": 12})
+              .json()["choices"][0]["message"]["content"] for _ in range(2)]  # fmt: skip
+    assert greedy[0] == greedy[1] and greedy[0]
 
 
 def test_context_limit_is_a_400_with_both_numbers_and_never_truncates(nano) -> None:

@@ -161,6 +161,77 @@ def test_clients_that_disconnect_free_their_rows(small) -> None:
     assert "Traceback" not in small.output()
 
 
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """nano with 4 rows and a queue of 64."""
+    with serve("--parallel", "4", "--queue", "64", "--ctx-size", "512",
+               log_dir=tmp_path_factory.mktemp("serve")) as s:  # fmt: skip
+        yield s
+
+
+def test_64_streaming_clients_all_finish_in_bounded_memory(wide) -> None:
+    import threading
+
+    pid, peak, stop = wide.proc.pid, [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_kb(pid))
+            time.sleep(0.02)
+
+    body = {
+        **CHAT,
+        "max_tokens": 16,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logit_bias": NO_STOP,
+    }
+
+    def stream(_) -> dict:
+        with httpx.stream("POST", wide.url + "/v1/chat/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        return json.loads(lines[-2][6:])["usage"]
+
+    before = _rss_kb(pid)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:  # 4 rows + 60 queued: all admitted
+        usages = list(pool.map(stream, range(64)))
+    stop.set()
+    watcher.join()
+    assert all(u["completion_tokens"] == 16 for u in usages)
+    # the KV cache is reserved at start; what 64 requests add is their Python state and buffers
+    assert peak[0] - before < 64 * 1024, (before, peak[0])  # < 1 MiB a request
+    assert _idle_within(wide.url, 2.0)
+
+
+def test_50_clients_that_leave_after_the_first_chunk_free_everything(wide) -> None:
+    body = {**CHAT, "max_tokens": 450, "stream": True, "logit_bias": NO_STOP}  # minutes if not stopped
+
+    def leave(_) -> str:
+        with httpx.stream("POST", wide.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            return next(r.iter_lines())
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        firsts = list(pool.map(leave, range(50)))
+    assert all(f.startswith("data: ") for f in firsts)
+    assert _idle_within(wide.url, 2.0)
+    generated = _metric(wide.url, "gemmakit_generated_tokens_total")
+    time.sleep(0.5)
+    assert _metric(wide.url, "gemmakit_generated_tokens_total") == generated
+    log = wide.output()
+    assert "Traceback" not in log and "ERROR" not in log
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(small) -> None:
     body = {**CHAT, "max_tokens": 60, "temperature": 1.0}
 
@@ -181,17 +252,32 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(small
 
 def test_sigterm_lets_running_requests_finish_then_exits(tmp_path) -> None:
     with serve("--ctx-size", "512", "--drain", "30", log_dir=tmp_path) as served:
-        body = {**CHAT, "max_tokens": 120, "stream": True, "logit_bias": NO_STOP}
-        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            first = next(lines)
+        body = {**CHAT, "max_tokens": 60, "stream": True, "logit_bias": NO_STOP}
+
+        def stream(k: int) -> tuple[list[str], float]:
+            with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=120) as r:
+                lines = [line for line in r.iter_lines() if line]
+            return lines, time.monotonic()
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:  # 4 rows: 6 of the 10 wait in the queue
+            futures = [pool.submit(stream, k) for k in range(10)]
+            time.sleep(1.0)  # all 10 are in: running or queued
+            term = time.monotonic()
             served.proc.send_signal(signal.SIGTERM)
-            rest = [line for line in lines if line]
-        assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
-        chunks = [json.loads(line[6:]) for line in rest[:-1]]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # completed, not cut
-        assert sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks) >= 100
+            time.sleep(0.3)
+            with contextlib.suppress(httpx.TransportError):  # refused, or 503 while draining
+                assert (
+                    httpx.post(served.url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 503
+                )
+            results = [f.result() for f in futures]
+        for lines, _ in results:
+            assert lines[-1] == "data: [DONE]"
+            chunks = [json.loads(line[6:]) for line in lines[1:-1]]
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # completed, not cut
+            assert sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks) >= 50
+        assert sum(done > term for _, done in results) >= 1  # finished while draining
         assert served.proc.wait(timeout=40) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal when done
+        assert _children(served.proc.pid) == []
         with pytest.raises(httpx.ConnectError):
             httpx.get(served.url + "/health", timeout=2)
 
@@ -211,6 +297,17 @@ def test_sigterm_with_no_drain_aborts_running_requests_and_exits(tmp_path) -> No
         assert content < 440  # cut short, not drained
         assert served.proc.wait(timeout=20) in (0, -signal.SIGTERM)
         assert _children(served.proc.pid) == []
+
+
+def test_a_request_past_the_wall_time_limit_ends_with_length_and_frees_its_row(tmp_path) -> None:
+    with serve("--ctx-size", "512", "--timeout", "1", log_dir=tmp_path) as served:
+        body = {**CHAT, "max_tokens": 450, "logit_bias": NO_STOP}  # several seconds of tokens
+        r = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200
+        answer = r.json()
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert 0 < answer["usage"]["completion_tokens"] < 450  # cut by the 1 s limit, not max_tokens
+        assert _idle_within(served.url, 2.0)
 
 
 def _raw(url: str, data: bytes, timeout: float = 10) -> bytes:

@@ -59,18 +59,20 @@ def _narrowed(document: dict) -> dict:
     doc = copy.deepcopy(document)
     for path, gone in (("/v1/chat/completions", ("top_logprobs", "stream_options")),
                        ("/v1/completions", ("stream", "stream_options"))):  # fmt: skip
-        props = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"][
-            "properties"
-        ]
+        schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        props = schema["properties"]
         for name in gone:
             del props[name]
         for name in ("max_tokens", "max_completion_tokens"):
             if name in props:
                 props[name] = {"type": ["integer", "null"], "minimum": 1, "maximum": 8}
+        if "messages" in props:  # without a max, chat generates to the context's end: 8 x 500 tokens
+            props["max_tokens"]["type"] = "integer"
+            schema["required"] = [*schema["required"], "max_tokens"]
         props["model"] = {"enum": ["nano", "default", "", None]}
         props["seed"] = {"type": ["integer", "null"], "minimum": -(2**53), "maximum": 2**53}  # float-exact
         props["frequency_penalty"] = props["presence_penalty"] = {"enum": [0, None]}
-        props["logit_bias"]["propertyNames"] = {"pattern": "^[0-9]{1,3}$"}  # the vocabulary has 16k
+        props["logit_bias"]["propertyNames"] = {"pattern": "^[0-9]{1,3}$"}  # the vocabulary has 8192
         text = {"type": "string", "maxLength": 50}  # <= 200 tokens, even as byte fallbacks
         ids = {
             "type": "array",

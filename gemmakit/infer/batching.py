@@ -152,7 +152,11 @@ class Batcher:
         self.healthy = True
         self.dead: str | None = None  # why the worker stopped, if it stopped on an unexpected error
         self._on_death = on_death  # called (from the worker) after it failed every request
-        self.counters = collections.Counter()  # requests, prompt/generated/cached tokens, failures
+        self.counters = collections.Counter()
+        self.step_seconds = {
+            "prefill": 0.0,
+            "decode": 0.0,
+        }  # worker time per kind of step, for /metrics  # requests, prompt/generated/cached tokens, failures
         self._thread = threading.Thread(target=self._run, name="gemmakit-batcher", daemon=True)
         self._thread.start()
 
@@ -165,7 +169,10 @@ class Batcher:
                 raise Busy("the engine stopped")
             if self._stopping:
                 raise Busy("the server is shutting down")
-            if len(self._waiting) >= self.queue_limit:
+            # the queue is what waits beyond the free rows: a burst into an idle server fills its rows
+            # before the worker's next turn admits them, and must not be refused for it
+            free = max(0, self.cache.n_slots - self.running)
+            if len(self._waiting) - free >= self.queue_limit:
                 raise Busy(f"the queue is full ({self.queue_limit} requests waiting)")
             self._waiting.append(request)
             self.counters["requests"] += 1
@@ -255,9 +262,15 @@ class Batcher:
                     break
                 self._admit(request)
             if self._prefilling:
+                t0 = time.perf_counter()
                 self._prefill_step()
+                self.step_seconds["prefill"] += time.perf_counter() - t0
+                self.counters["prefill_steps"] += 1
             if self._active:
+                t0 = time.perf_counter()
                 self._decode()
+                self.step_seconds["decode"] += time.perf_counter() - t0  # forward + sampling + emits
+                self.counters["decode_steps"] += 1
 
     def _reap(self) -> None:
         """End cancelled or timed-out requests (queued or running)."""

@@ -205,6 +205,13 @@ def _prometheus(server: Server) -> str:
         ("gemmakit_http_errors_total", "counter", "error responses (4xx and 5xx)", server.counts["errors"]),
         ("gemmakit_http_rejected_busy_total", "counter", "requests refused with 429/503 (queue full, shutting down)",
          server.counts["busy"]),
+        ("gemmakit_decode_steps_total", "counter", "batched decode steps", c.get("decode_steps", 0)),
+        ("gemmakit_decode_seconds_total", "counter", "worker seconds in decode steps (forward, sampling, hand-off)",
+         round(b.step_seconds["decode"], 6) if b else 0),
+        ("gemmakit_prefill_steps_total", "counter", "prefill steps (one forward over the admitted prompts' chunks)",
+         c.get("prefill_steps", 0)),
+        ("gemmakit_prefill_seconds_total", "counter", "worker seconds in prefill steps",
+         round(b.step_seconds["prefill"], 6) if b else 0),
         ("gemmakit_requests_running", "gauge", "requests generating now", b.running if b else 0),
         ("gemmakit_requests_waiting", "gauge", "requests queued for a row (queue depth)", b.waiting if b else 0),
     ]  # fmt: skip

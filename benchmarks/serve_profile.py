@@ -286,14 +286,18 @@ def _kind(m: dict) -> str:
 
 
 def _save_baseline(info: dict) -> None:
+    """{"machine": the last saver's, "baselines": {machine kind: {row: p99 TTFT ms}}}."""
     stored = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
-    stored[_kind(info["machine"])] = {k: v["ttft_p99_ms"] for k, v in info["rows"].items()}
-    BASELINE.write_text(json.dumps(stored, indent=1, sort_keys=True))
+    baselines = stored.get("baselines", {})
+    baselines[_kind(info["machine"])] = {k: v["ttft_p99_ms"] for k, v in info["rows"].items()}
+    BASELINE.write_text(
+        json.dumps({"machine": info["machine"], "baselines": baselines}, indent=1, sort_keys=True)
+    )
 
 
 def _check(info: dict, args: argparse.Namespace) -> list[tuple[str, bool, str]]:
     stored = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
-    base = stored.get(_kind(info["machine"]))
+    base = stored.get("baselines", {}).get(_kind(info["machine"]))
     if base is None:
         return [
             ("a baseline of this machine kind", False, f"none for {_kind(info['machine'])}: --save-baseline")

@@ -89,6 +89,15 @@ def start_llama(binary: str, files: dict, slots: int, ctx: int, log: Path) -> tu
     return f"http://127.0.0.1:{port}", proc
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server, killing it if it has not exited within 60 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     for attempt in range(3):
         try:
@@ -237,11 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{row['prefill_step_ms']:.0f} ms x {row['prefill_steps']:.0f}" if "decode_step_ms" in row else ""),
                       flush=True)  # fmt: skip
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))

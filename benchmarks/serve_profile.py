@@ -45,7 +45,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from serve_load import _free_port, _pct, _wait  # noqa: E402
+from serve_load import _free_port, _pct, _wait, stop  # noqa: E402
 
 SLOTS = 4
 
@@ -248,11 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("back to idle latency within 30 s", recovery[-1][1] <= 1.5 * idle,
                          f"{recovery[-1][0]:.1f} s, {recovery[-1][1]:.0f} ms vs idle {idle:.0f} ms")]  # fmt: skip
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     info["verdict"] = [{"check": c, "pass": ok, "value": v} for c, ok, v in verdict]
     for c, ok, v in verdict:
         print(f"{'PASS' if ok else 'FAIL'}  {c}: {v}")
